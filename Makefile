@@ -1,0 +1,78 @@
+# The two commands: `make lab` (bring up the 3-host lab, deploy, verify) and `make test`.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# Debian packages the lab needs on the machine (nspawn hosts, base image, partitions).
+LAB_APT_PACKAGES := systemd-container debootstrap nftables zstd
+LAB_INVENTORY := inventory/lab
+export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+
+.PHONY: help setup lab-deps lab lab-up lab-down deploy health test test-unit test-lab lint bench clean
+
+help:
+	@echo "make lab       venv, lab up, deploy playbooks/site.yml, verify (the lab stays up: make lab-down)"
+	@echo "make test      venv, lint and the whole test suite, the lab included"
+	@echo "make lint      ansible-lint (production), yamllint, syntax checks, ruff, mypy"
+	@echo "make lab-up | lab-down | deploy | health | bench | clean"
+
+setup: $(SETUP_STAMP)
+
+$(SETUP_STAMP): pyproject.toml
+	rm -f $(VENV)/.setup-*
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+# Installs only what is missing, so a prepared machine skips apt entirely.
+lab-deps:
+	@missing=$$(for p in $(LAB_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+lab-up: setup lab-deps
+	$(BIN)/nats-lab up
+
+lab-down: setup
+	$(BIN)/nats-lab down
+
+deploy: setup
+	$(BIN)/ansible-playbook -i $(LAB_INVENTORY) playbooks/site.yml
+
+health: setup
+	$(BIN)/ansible-playbook -i $(LAB_INVENTORY) playbooks/health.yml
+
+lab: lab-up deploy health
+
+lint: setup
+	$(BIN)/yamllint -s .
+	$(BIN)/ansible-lint -q
+	for inv in inventory/phx inventory/lab; do \
+	  for pb in playbooks/*.yml; do $(BIN)/ansible-playbook -i $$inv --syntax-check $$pb >/dev/null; done; \
+	  $(BIN)/ansible-inventory -i $$inv --list >/dev/null; \
+	done
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test-unit: setup
+	$(BIN)/pytest -m "not lab"
+
+test-lab: setup lab-deps
+	$(BIN)/pytest -m lab
+
+test: setup lab-deps lint
+	$(BIN)/pytest
+
+bench: setup lab-deps
+	$(BIN)/python -m benchmarks.deploy
+
+clean: lab-down
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis

