@@ -69,6 +69,15 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
     def bad(message: str) -> None:
         problems.append(f"{host}: {message}")
 
+    for check in (_check_ports, _check_addresses, _check_names, _check_release, _check_lame_duck, _check_storage):
+        check(node, bad)
+    return problems
+
+
+Report = Callable[[str], None]
+
+
+def _check_ports(node: Mapping[str, Any], bad: Report) -> None:
     ports: dict[str, int] = {}
     for variable in PORT_VARIABLES:
         port = _as_int(node.get(variable))
@@ -84,6 +93,8 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
             f"must differ (got {', '.join(str(p) for p in ports.values())})"
         )
 
+
+def _check_addresses(node: Mapping[str, Any], bad: Report) -> None:
     for variable in ADDRESS_VARIABLES:
         value = str(node.get(variable, ""))
         if not _is_address(value):
@@ -91,16 +102,19 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
     if str(node.get("nats_server_address")) in UNROUTABLE:
         bad("nats_server_address must be an address peers can reach, not a wildcard")
 
+
+def _check_names(node: Mapping[str, Any], bad: Report) -> None:
     for variable in ("nats_server_name", "nats_server_cluster_name", "nats_server_jetstream_domain"):
         value = str(node.get(variable, ""))
         if not NAME_RE.match(value):
             bad(f"{variable} {value!r} must be 1-64 letters, digits, '-' or '_' (NATS takes no spaces or dots)")
-
     for variable in ("nats_server_jetstream_max_memory_store", "nats_server_jetstream_max_file_store"):
         value = str(node.get(variable, ""))
         if not SIZE_RE.match(value):
             bad(f"{variable} {value!r} is not a size like 512MB or 16GB")
 
+
+def _check_release(node: Mapping[str, Any], bad: Report) -> None:
     version = str(node.get("nats_server_version", ""))
     if not VERSION_RE.match(version):
         bad(f"nats_server_version {version!r} is not a release number like 2.15.1")
@@ -111,6 +125,8 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
     if source == "controller" and not node.get("nats_server_controller_release_dir"):
         bad("nats_server_controller_release_dir is required with nats_server_artifact_source=controller")
 
+
+def _check_lame_duck(node: Mapping[str, Any], bad: Report) -> None:
     duration = _as_int(node.get("nats_server_lame_duck_duration_seconds"))
     grace = _as_int(node.get("nats_server_lame_duck_grace_period_seconds"))
     if duration is None or duration < LAME_DUCK_MINIMUM_SECONDS:
@@ -118,18 +134,18 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
     elif grace is None or grace >= duration:
         bad("nats_server_lame_duck_grace_period_seconds must be shorter than the duration")
 
-    _check_storage(node, bad)
-    return problems
 
-
-def _check_storage(node: Mapping[str, Any], bad: Callable[[str], None]) -> None:
+def _check_storage(node: Mapping[str, Any], bad: Report) -> None:
     store_dir = str(node.get("nats_server_jetstream_store_dir", ""))
     mount_path = str(node.get("jetstream_storage_mount_path", ""))
     node_dir = str(node.get("jetstream_storage_node_dir", ""))
     if not mount_path.startswith("/") or mount_path != posixpath.normpath(mount_path) or mount_path == "/":
         bad(f"jetstream_storage_mount_path {mount_path!r} must be an absolute path, not / and without a trailing slash")
     elif posixpath.dirname(node_dir) != mount_path:
-        bad(f"jetstream_storage_node_dir {node_dir!r} must be a directory directly inside jetstream_storage_mount_path {mount_path!r}")
+        bad(
+            f"jetstream_storage_node_dir {node_dir!r} must be a directory directly inside "
+            f"jetstream_storage_mount_path {mount_path!r}"
+        )
     if store_dir != node_dir:
         bad(f"nats_server_jetstream_store_dir {store_dir!r} must be this node's storage directory {node_dir!r}")
     marker = str(node.get("nats_server_jetstream_store_marker", ""))
@@ -143,7 +159,10 @@ def _check_storage(node: Mapping[str, Any], bad: Callable[[str], None]) -> None:
             bad("jetstream_storage_mount_source is required with jetstream_storage_backend=nfs")
         options = str(node.get("jetstream_storage_mount_options", "")).split(",")
         if "hard" not in options or "soft" in options:
-            bad("jetstream_storage_mount_options must include 'hard' and not 'soft' (a soft mount turns NFS timeouts into JetStream write errors)")
+            bad(
+                "jetstream_storage_mount_options must include 'hard' and not 'soft' "
+                "(a soft mount turns NFS timeouts into JetStream write errors)"
+            )
 
 
 def _duplicates(nodes: Sequence[Mapping[str, Any]], variable: str) -> dict[str, list[str]]:
@@ -155,18 +174,14 @@ def _duplicates(nodes: Sequence[Mapping[str, Any]], variable: str) -> dict[str, 
     }
 
 
-def cluster_problems(
-    nodes: Sequence[Mapping[str, Any] | None], group: str, members: Sequence[str]
-) -> list[str]:
+def cluster_problems(nodes: Sequence[Mapping[str, Any] | None], group: str, members: Sequence[str]) -> list[str]:
     """All problems of a cluster: its shape first, then each node's own settings."""
     problems: list[str] = []
     size = len(members)
     if size < 3:
         problems.append(f"group {group} has {size} host(s); a JetStream cluster needs at least 3")
     elif size % 2 == 0:
-        problems.append(
-            f"group {group} has {size} hosts; use an odd count so a partition cannot split the vote"
-        )
+        problems.append(f"group {group} has {size} hosts; use an odd count so a partition cannot split the vote")
     known = [n for n in nodes if n is not None]
     for variable, what in (
         ("nats_server_name", "server name"),

@@ -1,0 +1,106 @@
+"""Hypothesis strategies for valid cluster inventories, and their plain-jinja2 rendering."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import jinja2
+from hypothesis import strategies as st
+
+from tests.helpers import REPO
+
+NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
+names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,20}\Z")
+sizes = st.builds(lambda n, unit: f"{n}{unit}", st.integers(1, 4096), st.sampled_from(["MB", "GB", "M", "G", "KB"]))
+ports = st.integers(1024, 65535)
+
+
+@dataclass
+class Cluster:
+    """One generated cluster: per-host settings as the inventory would give them."""
+
+    hosts: dict[str, dict[str, Any]]
+    group: str = "nats_cluster"
+    common: dict[str, Any] = field(default_factory=dict)
+
+    def context(self, host: str) -> dict[str, Any]:
+        """The variables the role gives the template for `host`."""
+        hostvars = {h: self.common | v for h, v in self.hosts.items()}
+        return hostvars[host] | {
+            "inventory_hostname": host,
+            "groups": {self.group: list(self.hosts)},
+            "hostvars": hostvars,
+            "nats_server_cluster_group": self.group,
+            "_nats_server_pid_file": "/run/nats-server/nats-server.pid",
+        }
+
+    def preflight_settings(self, host: str) -> dict[str, Any]:
+        """What the preflight task collects for `host` (see roles/nats_server/tasks/preflight.yml)."""
+        ctx = self.context(host)
+        keys = [k for k in ctx if k.startswith(("nats_server_", "jetstream_storage_"))]
+        return {"host": host} | {k: ctx[k] for k in keys}
+
+
+@st.composite
+def clusters(draw: st.DrawFn) -> Cluster:
+    size = draw(st.sampled_from([3, 5, 7]))
+    host_names = draw(st.lists(names, min_size=size, max_size=size, unique_by=str.lower))
+    base = draw(st.integers(0x0A000000, 0x0AFFFF00))
+    addresses = [str(ipaddress.IPv4Address(base + i + 1)) for i in range(size)]
+    client, cluster_port, monitor = draw(st.lists(ports, min_size=3, max_size=3, unique=True))
+    mount = "/mnt/" + draw(st.from_regex(r"\A[a-z][a-z0-9-]{0,15}\Z"))
+    common = {
+        "nats_server_cluster_name": draw(names),
+        "nats_server_jetstream_domain": draw(names),
+        "nats_server_version": "2.15.1",
+        "nats_server_artifact_source": "url",
+        "nats_server_release_base_url": "https://github.com/nats-io/nats-server/releases/download",
+        "nats_server_controller_release_dir": "",
+        "nats_server_client_port": client,
+        "nats_server_cluster_port": cluster_port,
+        "nats_server_monitor_port": monitor,
+        "nats_server_jetstream_max_memory_store": draw(sizes),
+        "nats_server_jetstream_max_file_store": draw(sizes),
+        "nats_server_lame_duck_duration_seconds": draw(st.integers(30, 300)),
+        "nats_server_lame_duck_grace_period_seconds": draw(st.integers(0, 29)),
+        "nats_server_user": "nats",
+        "jetstream_storage_backend": "nfs",
+        "jetstream_storage_mount_path": mount,
+        "jetstream_storage_mount_source": "nfs.example:/export",
+        "jetstream_storage_mount_options": "rw,hard,noatime",
+        "jetstream_storage_marker_name": ".jetstream-owner",
+        "jetstream_storage_owner": "nats",
+    }
+    hosts = {}
+    for name, address in zip(host_names, addresses, strict=True):
+        node_dir = f"{mount}/{name}"
+        hosts[name] = {
+            "nats_server_name": name,
+            "nats_server_address": address,
+            "nats_server_client_host": address,
+            "nats_server_cluster_host": address,
+            "nats_server_monitor_host": address,
+            "jetstream_storage_node_dir": node_dir,
+            "nats_server_jetstream_store_dir": node_dir,
+            "nats_server_jetstream_store_marker": f"{node_dir}/.jetstream-owner",
+        }
+    return Cluster(hosts=hosts, common=common)
+
+
+def render_config(context: dict[str, Any]) -> str:
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(REPO / "templates"),
+        undefined=jinja2.StrictUndefined,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("nats-server.conf.j2").render(context)
+
+
+ROUTE_RE = re.compile(r'"nats-route://([^"]+)"')
+
+
+def routes_of(config_text: str) -> set[str]:
+    return set(ROUTE_RE.findall(config_text))

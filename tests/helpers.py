@@ -1,0 +1,66 @@
+"""Paths and small runners shared by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+NATS_SERVER = BIN / "nats-server"
+LAB_INVENTORY = REPO / "inventory" / "lab"
+PHX_INVENTORY = REPO / "inventory" / "phx"
+
+
+def ansible_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["ANSIBLE_CONFIG"] = str(REPO / "ansible.cfg")
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["ANSIBLE_NOCOLOR"] = "1"
+    env.update(extra)
+    return env
+
+
+def run_playbook(
+    playbook: str,
+    inventory: Path | str,
+    *args: str,
+    json_output: bool = False,
+    timeout: float = 600,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Runs ansible-playbook from the repo; with json_output the stdout is the json callback's."""
+    extra = {"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"} if json_output else {}
+    return subprocess.run(
+        [str(BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / playbook), *args],
+        cwd=REPO,
+        env=(env or ansible_env()) | extra,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def inventory_vars(inventory: Path) -> dict[str, Any]:
+    """`ansible-inventory --list` of an inventory (vars unrendered), as a dict."""
+    out = subprocess.run(
+        [str(BIN / "ansible-inventory"), "-i", str(inventory), "--list"],
+        cwd=REPO,
+        env=ansible_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    return dict(json.loads(out))
+
+
+def role_defaults(role: str) -> dict[str, Any]:
+    return dict(yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text()))

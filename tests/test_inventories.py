@@ -1,0 +1,83 @@
+"""Both inventories load, share their cluster settings, and the roles' specs match their defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import LAB_INVENTORY, PHX_INVENTORY, REPO, inventory_vars, role_defaults, run_playbook
+
+# What the lab may set differently from production (issue: addresses, storage source/type,
+# artifact source), plus how the controller reaches the lab hosts.
+LAB_ONLY_DIFFERENCES = {
+    "ansible_host",
+    "jetstream_storage_mount_fstype",
+    "jetstream_storage_mount_source",
+    "nats_server_release_base_url",
+    "ansible_user",
+    "ansible_become",
+    "ansible_ssh_private_key_file",
+    "ansible_ssh_common_args",
+    "lab_bridge_name",
+    "lab_bridge_address",
+    "lab_mirror_port",
+}
+
+
+def host_settings(inventory: Any) -> dict[str, dict[str, Any]]:
+    data = inventory_vars(inventory)
+    return dict(data["_meta"]["hostvars"])
+
+
+def test_lab_differs_from_production_only_where_allowed() -> None:
+    phx, lab = host_settings(PHX_INVENTORY), host_settings(LAB_INVENTORY)
+    assert sorted(phx) == sorted(lab) == ["nats-1", "nats-2", "nats-3"]
+    for host in phx:
+        keys = set(phx[host]) | set(lab[host])
+        differing = {k for k in keys if phx[host].get(k) != lab[host].get(k)}
+        assert differing <= LAB_ONLY_DIFFERENCES, differing - LAB_ONLY_DIFFERENCES
+        assert "ansible_host" in differing
+
+
+def test_production_is_the_documented_cluster() -> None:
+    phx = host_settings(PHX_INVENTORY)
+    assert {h: v["ansible_host"] for h, v in phx.items()} == {
+        "nats-1": "10.0.20.1",
+        "nats-2": "10.0.20.2",
+        "nats-3": "10.0.20.3",
+    }
+    for settings in phx.values():
+        assert settings["nats_server_cluster_name"] == "phx-cluster"
+        assert settings["nats_server_jetstream_domain"] == "dgx-phx"
+        assert settings["jetstream_storage_mount_path"] == "/mnt/cimstor-jetstream"
+        assert settings["jetstream_storage_backend"] == "nfs"
+        assert settings["nats_server_client_port"] == 4222
+
+
+def test_lab_addresses_stay_in_the_lab_subnet() -> None:
+    lab = host_settings(LAB_INVENTORY)
+    for settings in lab.values():
+        assert settings["ansible_host"].startswith("10.231.20.")
+        assert settings["lab_bridge_address"] == "10.231.20.1/24"
+
+
+@pytest.mark.parametrize("role", ["nats_server", "jetstream_storage"])
+def test_argument_specs_document_every_default(role: str) -> None:
+    defaults = role_defaults(role)
+    specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())
+    options = specs["argument_specs"]["main"]["options"]
+    assert sorted(options) == sorted(defaults)
+    for name, spec in options.items():
+        assert spec.get("description"), f"{name} has no description"
+        if "default" in spec:
+            assert spec["default"] == defaults[name], name
+        assert name.startswith(f"{role}_")
+
+
+@pytest.mark.parametrize("inventory", [PHX_INVENTORY, LAB_INVENTORY], ids=["phx", "lab"])
+@pytest.mark.parametrize("playbook", sorted(p.name for p in (REPO / "playbooks").glob("*.yml")))
+def test_playbook_syntax(playbook: str, inventory: Any) -> None:
+    result = run_playbook(playbook, inventory, "--syntax-check", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

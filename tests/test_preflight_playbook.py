@@ -1,0 +1,118 @@
+"""site.yml refuses malformed inventories in preflight, naming the problem, and touches no host.
+
+Each case is the lab inventory with one thing broken. ssh is replaced by a wrapper that records
+every call before handing over to the real ssh, so "no host touched" is observed, not assumed.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.helpers import LAB_INVENTORY, ansible_env, run_playbook
+
+CASES: dict[str, tuple[dict[str, Any], str]] = {
+    # name: ({"host_vars": {...}} / {"group_vars": {...}} / {"drop_hosts": n} / {"add_host": {...}}, expected text)
+    "two hosts": ({"drop_hosts": 1}, "has 2 host(s); a JetStream cluster needs at least 3"),
+    "four hosts": ({"add_host": {"ansible_host": "10.231.20.14"}}, "use an odd count"),
+    "duplicate address": (
+        {"host_vars": {"nats-2": {"ansible_host": "10.231.20.11"}}},
+        "'10.231.20.11' is the address of more than one host",
+    ),
+    "duplicate server name": (
+        {"host_vars": {"nats-2": {"nats_server_name": "nats-1"}}},
+        "'nats-1' is the server name of more than one host",
+    ),
+    "shared store dir": (
+        {"host_vars": {"nats-3": {"jetstream_storage_node_dir": "/mnt/cimstor-jetstream/nats-1"}}},
+        "is the store directory (servers must never share one) of more than one host",
+    ),
+    "port out of range": (
+        {"group_vars": {"nats_server_client_port": 99999}},
+        "nats_server_client_port 99999 is outside 1-65535",
+    ),
+    "ports collide": ({"group_vars": {"nats_server_monitor_port": 4222}}, "must differ"),
+    "invalid address": (
+        {"host_vars": {"nats-1": {"ansible_host": "10.231.20.256"}}},
+        "nats_server_address '10.231.20.256' is not a valid",
+    ),
+    "name with a space": (
+        {"group_vars": {"nats_server_cluster_name": "phx cluster"}},
+        "nats_server_cluster_name 'phx cluster'",
+    ),
+    "size that does not parse": (
+        {"group_vars": {"nats_server_jetstream_max_memory_store": "1 gig"}},
+        "max_memory_store '1 gig' is not a size",
+    ),
+    "store dir outside the mount": (
+        {"group_vars": {"nats_server_jetstream_store_dir": "/var/lib/nats"}},
+        "nats_server_jetstream_store_dir '/var/lib/nats'",
+    ),
+    "version not pinned": ({"group_vars": {"nats_server_version": "latest"}}, "nats_server_version 'latest'"),
+    "checksum source missing": (
+        {"group_vars": {"nats_server_artifact_source": "controller", "nats_server_controller_release_dir": ""}},
+        "nats_server_controller_release_dir is required",
+    ),
+    "unknown storage backend": ({"group_vars": {"jetstream_storage_backend": "ceph"}}, "jetstream_storage_backend"),
+    "soft nfs mount": ({"group_vars": {"jetstream_storage_mount_options": "rw,soft"}}, "must include 'hard'"),
+}
+
+SSH_WRAPPER = """#!/bin/sh
+echo "$@" >> {log}
+exec ssh "$@"
+"""
+
+
+def make_inventory(tmp_path: Path, change: dict[str, Any]) -> Path:
+    inventory = tmp_path / "inventory"
+    shutil.copytree(LAB_INVENTORY, inventory, symlinks=False)
+    hosts_file = inventory / "hosts.yml"
+    hosts = yaml.safe_load(hosts_file.read_text())
+    members = hosts["all"]["children"]["nats_cluster"]["hosts"]
+    for _ in range(change.get("drop_hosts", 0)):
+        members.pop(sorted(members)[-1])
+    if "add_host" in change:
+        members["nats-4"] = change["add_host"]
+    hosts_file.write_text(yaml.safe_dump(hosts))
+    for host, values in change.get("host_vars", {}).items():
+        (inventory / "host_vars").mkdir(exist_ok=True)
+        (inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(values))
+    if "group_vars" in change:
+        (inventory / "group_vars" / "nats_cluster" / "zz_broken.yml").write_text(yaml.safe_dump(change["group_vars"]))
+    return inventory
+
+
+def recording_ssh(tmp_path: Path) -> tuple[dict[str, str], Path]:
+    log = tmp_path / "ssh-calls.log"
+    log.touch()
+    wrapper = tmp_path / "ssh-recorder"
+    wrapper.write_text(SSH_WRAPPER.format(log=log))
+    wrapper.chmod(0o755)
+    return ansible_env(ANSIBLE_SSH_EXECUTABLE=str(wrapper)), log
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_site_refuses_broken_inventory_before_touching_hosts(case: str, tmp_path: Path) -> None:
+    change, expected = CASES[case]
+    inventory = make_inventory(tmp_path, change)
+    env, ssh_log = recording_ssh(tmp_path)
+    result = run_playbook("site.yml", inventory, env=env, timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output
+    assert expected in output, output
+    assert "Preflight |" in output
+    assert "Deploy |" not in output, "a deploy play started after a failed preflight"
+    assert ssh_log.read_text() == "", "preflight connected to a host"
+
+
+def test_the_unbroken_copy_passes_preflight(tmp_path: Path) -> None:
+    """Control: the copied lab inventory itself is accepted, so each failure above is its own."""
+    inventory = make_inventory(tmp_path, {})
+    env, ssh_log = recording_ssh(tmp_path)
+    result = run_playbook("preflight.yml", inventory, env=env, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ssh_log.read_text() == ""

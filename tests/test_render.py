@@ -1,0 +1,67 @@
+"""The config template renders configs nats-server itself accepts, whose routes name every peer."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from tests.clusters import Cluster, clusters, render_config, routes_of
+from tests.helpers import LAB_INVENTORY, NATS_SERVER, PHX_INVENTORY, ansible_env, inventory_vars, run_playbook
+
+
+def nats_server_accepts(path: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(NATS_SERVER), "-t", "-c", str(path)], capture_output=True, text=True, timeout=30, check=False
+    )
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cluster=clusters())
+def test_generated_clusters_render_valid_configs(cluster: Cluster, tmp_path: Path) -> None:
+    for host, settings_ in cluster.hosts.items():
+        text = render_config(cluster.context(host))
+        path = tmp_path / f"{host}.conf"
+        path.write_text(text)
+        result = nats_server_accepts(path)
+        assert result.returncode == 0, f"{host}: nats-server -t refused:\n{result.stderr}\n{text}"
+        port = cluster.common["nats_server_cluster_port"]
+        expected = {f"{v['nats_server_address']}:{port}" for h, v in cluster.hosts.items() if h != host}
+        assert routes_of(text) == expected
+        assert f'server_name: "{settings_["nats_server_name"]}"' in text
+
+
+def test_a_broken_config_is_refused_by_the_checker(tmp_path: Path) -> None:
+    """The check the role's validate step relies on really fails on a bad file."""
+    path = tmp_path / "bad.conf"
+    path.write_text('jetstream { max_file_store: "lots" }\ncluster { routes: [ }\n')
+    assert nats_server_accepts(path).returncode != 0
+
+
+@pytest.mark.parametrize("inventory", [PHX_INVENTORY, LAB_INVENTORY], ids=["phx", "lab"])
+def test_inventory_renders_through_ansible(inventory: Path, tmp_path: Path) -> None:
+    """render-config.yml: preflight, then each node's config checked by nats-server -t, offline."""
+    result = run_playbook(
+        "render-config.yml",
+        inventory,
+        "-e",
+        f"render_dir={tmp_path}",
+        "-e",
+        f"nats_server_check_binary={NATS_SERVER}",
+        env=ansible_env(),
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    configs = {p.stem: p.read_text() for p in tmp_path.glob("*.conf")}
+    assert sorted(configs) == ["nats-1", "nats-2", "nats-3"]
+    cluster_port = 6222
+    hostvars = inventory_vars(inventory)["_meta"]["hostvars"]
+    addresses = {host: hostvars[host]["ansible_host"] for host in configs}
+    for host, text in configs.items():
+        assert routes_of(text) == {f"{a}:{cluster_port}" for h, a in addresses.items() if h != host}
+        assert 'name: "phx-cluster"' in text
+        assert 'domain: "dgx-phx"' in text
+        assert f'store_dir: "/mnt/cimstor-jetstream/{host}"' in text
+        assert f'listen: "{addresses[host]}:4222"' in text
