@@ -1,0 +1,42 @@
+"""Shared fixtures. Lab tests (marker `lab`) run against the real 3-host lab; with CI=true a lab
+that cannot start fails the run instead of skipping it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from tests.helpers import BIN, LAB_INVENTORY, REPO, run_playbook
+from verify.inventory import Cluster, load_cluster
+
+
+def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "nats-lab"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def lab_cluster() -> Iterator[Cluster]:
+    """The lab, up. Brought down again at the end if this session started it."""
+    was_up = nats_lab("status").returncode == 0
+    started = nats_lab("up")
+    if started.returncode != 0:
+        message = f"nats-lab up failed:\n{started.stdout}\n{started.stderr}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    yield load_cluster(LAB_INVENTORY)
+    if not was_up:
+        nats_lab("down")
+
+
+@pytest.fixture(scope="session")
+def deployed_lab(lab_cluster: Cluster) -> Cluster:
+    """The lab with site.yml applied (a cold deploy on fresh hosts, a converge otherwise)."""
+    result = run_playbook("site.yml", LAB_INVENTORY, timeout=900)
+    assert result.returncode == 0, f"site.yml failed on the lab:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    return lab_cluster

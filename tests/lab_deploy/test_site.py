@@ -1,0 +1,213 @@
+"""playbooks/site.yml on the real lab: a healthy cluster, idempotent, safe changes, refusals.
+
+The tests run in file order and each leaves the cluster converged and healthy for the next.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+
+from tests.conftest import nats_lab
+from tests.helpers import LAB_INVENTORY, run_playbook
+from verify import monitor
+from verify.inventory import Cluster
+from verify.load import BackgroundPublisher
+
+pytestmark = pytest.mark.lab
+
+
+def on(host: str, command: str, timeout: float = 60) -> str:
+    result = nats_lab("ssh", host, "--", command, timeout=timeout)
+    assert result.returncode == 0, f"{host}: {command}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counters per host from ansible-playbook's default output."""
+    counts = {}
+    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
+        counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+    return counts
+
+
+def service_identity(host: str) -> str:
+    """Changes whenever nats-server is (re)started: its PID and start time."""
+    return on(host, "systemctl show nats-server -p MainPID -p ActiveEnterTimestampMonotonic --value").strip()
+
+
+def wait_all_healthy(cluster: Cluster, seconds: float = 60) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        status: dict[str, int | str] = {}
+        for node in cluster.nodes:
+            try:
+                status[node.host] = monitor.healthz(node.monitor_url).status
+            except monitor.MonitorUnreachable as error:
+                status[node.host] = str(error)
+        if all(s == 200 for s in status.values()):
+            return
+        assert time.monotonic() < deadline, f"cluster not healthy after {seconds}s: {status}"
+        time.sleep(1)
+
+
+def test_every_node_is_healthy_and_routed_to_both_peers(deployed_lab: Cluster) -> None:
+    names = {n.server_name for n in deployed_lab.nodes}
+    for node in deployed_lab.nodes:
+        health = monitor.healthz(node.monitor_url)
+        assert health.status == 200, f"{node.host}: {health.body}"
+        routes = monitor.get_json(node.monitor_url, "/routez")["routes"]
+        assert {r["remote_name"] for r in routes} == names - {node.server_name}, node.host
+        varz = monitor.get_json(node.monitor_url, "/varz")
+        assert varz["cluster"]["name"] == "phx-cluster"
+        assert varz["version"] == deployed_lab.setting("nats_server_version")
+
+
+def test_meta_group_has_a_leader_and_three_members_in_domain(deployed_lab: Cluster) -> None:
+    leaders = set()
+    for node in deployed_lab.nodes:
+        jsz = monitor.get_json(node.monitor_url, "/jsz")
+        assert jsz["config"]["domain"] == "dgx-phx"
+        assert jsz["meta_cluster"]["cluster_size"] == 3
+        leaders.add(jsz["meta_cluster"].get("leader"))
+    assert len(leaders) == 1 and None not in leaders and leaders <= {n.server_name for n in deployed_lab.nodes}
+
+
+def test_store_dir_is_on_the_mounted_share(deployed_lab: Cluster) -> None:
+    for node in deployed_lab.nodes:
+        store_dir = node["nats_server_jetstream_store_dir"]
+        jsz = monitor.get_json(node.monitor_url, "/jsz")
+        assert jsz["config"]["store_dir"] == f"{store_dir}/jetstream"
+        target, fstype = on(node.host, f"findmnt -n -o TARGET,FSTYPE -T {store_dir}").split()
+        assert target == node["jetstream_storage_mount_path"]
+        assert fstype in {node["jetstream_storage_mount_fstype"], "fuse." + node["jetstream_storage_mount_fstype"]}
+        assert on(node.host, f"cat {node['nats_server_jetstream_store_marker']}").strip() == node.host
+
+
+def test_second_run_changes_nothing(deployed_lab: Cluster) -> None:
+    result = run_playbook("site.yml", LAB_INVENTORY)
+    assert result.returncode == 0, result.stdout[-4000:]
+    counts = recap(result.stdout)
+    assert set(counts) == {"nats-1", "nats-2", "nats-3"}
+    assert all(c["changed"] == 0 and c["failed"] == 0 for c in counts.values()), counts
+
+
+def test_check_diff_on_the_converged_cluster_reports_no_change(deployed_lab: Cluster) -> None:
+    result = run_playbook("site.yml", LAB_INVENTORY, "--check", "--diff")
+    assert result.returncode == 0, result.stdout[-4000:]
+    counts = recap(result.stdout)
+    assert all(c["changed"] == 0 for c in counts.values()), counts
+
+
+def _max_memory(cluster: Cluster) -> dict[str, int]:
+    return {
+        n.host: monitor.get_json(n.monitor_url, "/varz")["jetstream"]["config"]["max_memory"] for n in cluster.nodes
+    }
+
+
+def test_config_change_rolls_one_node_at_a_time_under_load(deployed_lab: Cluster) -> None:
+    before = _max_memory(deployed_lab)
+    with BackgroundPublisher(deployed_lab.client_urls) as publisher:
+        time.sleep(1)
+        result = run_playbook(
+            "site.yml", LAB_INVENTORY, "-e", "nats_server_jetstream_max_memory_store=768MB", json_output=True
+        )
+        time.sleep(1)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert set(_max_memory(deployed_lab).values()) == {768 * 1024 * 1024}, before
+    # The rolling play ran one host per batch, each batch reloading exactly its own node.
+    plays = json.loads(result.stdout)["plays"]
+    rolling = [p for p in plays if p["play"]["name"].startswith("Deploy | roll changes")]
+    changed_per_batch = [
+        sorted(h for t in p["tasks"] for h, r in t["hosts"].items() if r.get("changed")) for p in rolling
+    ]
+    assert changed_per_batch == [["nats-1"], ["nats-2"], ["nats-3"]], changed_per_batch
+    missing, duplicated = publisher.audit()
+    tally = publisher.tally
+    assert tally.failed == [], f"publishes failed after retries: {tally.failed[:5]} errors={tally.errors}"
+    assert missing == [] and duplicated == [], (missing[:5], duplicated[:5])
+    assert len(tally.acked) > 50
+    # Back to the inventory's value, the same way.
+    restored = run_playbook("site.yml", LAB_INVENTORY)
+    assert restored.returncode == 0, restored.stdout[-4000:]
+    assert _max_memory(deployed_lab) == before
+
+
+def test_config_that_fails_the_checker_changes_nothing(deployed_lab: Cluster) -> None:
+    before = {
+        n.host: (on(n.host, "sha256sum /etc/nats-server/nats-server.conf"), service_identity(n.host))
+        for n in deployed_lab.nodes
+    }
+    # Passes preflight (the banner is free text) but renders a file nats-server -t refuses.
+    broken = json.dumps({"nats_server_managed_banner": "x\ncluster { routes: [ }"})
+    result = run_playbook("site.yml", LAB_INVENTORY, "-e", broken)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "Configure | render nats-server.conf" in output
+    assert "failed to validate" in output
+    after = {
+        n.host: (on(n.host, "sha256sum /etc/nats-server/nats-server.conf"), service_identity(n.host))
+        for n in deployed_lab.nodes
+    }
+    assert after == before
+    wait_all_healthy(deployed_lab, 10)
+
+
+def test_tampered_release_is_refused_and_nothing_changes(deployed_lab: Cluster) -> None:
+    mirror = deployed_lab.nodes[0]["nats_server_release_base_url"]
+    before = {
+        n.host: (on(n.host, "readlink /usr/local/sbin/nats-server"), service_identity(n.host))
+        for n in deployed_lab.nodes
+    }
+    result = run_playbook(
+        "site.yml",
+        LAB_INVENTORY,
+        "-e",
+        f"nats_server_release_base_url={mirror}/tampered",
+        "-e",
+        "nats_server_version=2.14.6",
+        "-e",
+        "nats_server_upgrade=true",
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "download the release archive and verify its checksum" in output
+    assert "did not match" in output, output[-3000:]
+    for node in deployed_lab.nodes:
+        assert on(node.host, "test -e /opt/nats-server/2.14.6 && echo present || echo absent").strip() == "absent"
+        assert on(node.host, "ls /var/cache/nats-server/").split().count("nats-server-v2.14.6-linux-amd64.tar.gz") == 0
+    after = {
+        n.host: (on(n.host, "readlink /usr/local/sbin/nats-server"), service_identity(n.host))
+        for n in deployed_lab.nodes
+    }
+    assert after == before
+    counts = recap(result.stdout)
+    assert all(c["changed"] == 0 for c in counts.values()), counts
+
+
+def test_server_refuses_to_start_without_its_storage_mount(deployed_lab: Cluster) -> None:
+    node = deployed_lab.nodes[-1]
+    mount_path = node["jetstream_storage_mount_path"]
+    source = node["jetstream_storage_mount_source"]
+    try:
+        on(node.host, "systemctl stop nats-server")
+        # The share cannot be mounted (as when the NFS server is away): point fstab at nothing.
+        on(
+            node.host,
+            f"umount {mount_path} && sed -i 's#{source}#{source}-gone#' /etc/fstab && systemctl daemon-reload",
+        )
+        started = nats_lab("ssh", node.host, "--", "systemctl start nats-server", timeout=60)
+        assert started.returncode != 0, "nats-server started without its storage"
+        assert on(node.host, "systemctl is-active nats-server || true").strip() in {"inactive", "failed"}
+        assert on(node.host, f"ls -A {mount_path} | wc -l").strip() == "0", (
+            "something was written under the bare mount point"
+        )
+        assert on(node.host, f"findmnt -n {mount_path} || echo none").strip() == "none"
+    finally:
+        on(node.host, f"sed -i 's#{source}-gone#{source}#' /etc/fstab && systemctl daemon-reload")
+        on(node.host, "systemctl reset-failed nats-server; systemctl start nats-server")
+    wait_all_healthy(deployed_lab, 60)
+    assert on(node.host, f"findmnt -n -o TARGET {mount_path}").strip() == mount_path

@@ -1,0 +1,50 @@
+"""The NATS HTTP monitor endpoints (/healthz, /varz, /jsz, /routez ...), always with a timeout."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+DEFAULT_TIMEOUT = 3.0
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: str
+
+    @property
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class MonitorUnreachable(Exception):
+    """The monitor port did not answer (refused, timed out, no route)."""
+
+
+def get(base_url: str, path: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """GETs base_url+path; HTTP errors are replies (a 503 /healthz is an answer), silence is not."""
+    url = base_url.rstrip("/") + path
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return Reply(response.status, response.read().decode())
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, error.read().decode(errors="replace"))
+    except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise MonitorUnreachable(f"{url}: {reason}") from error
+
+
+def get_json(base_url: str, path: str, timeout: float = DEFAULT_TIMEOUT) -> Any:
+    reply = get(base_url, path, timeout)
+    if reply.status != 200:
+        raise MonitorUnreachable(f"{base_url}{path}: HTTP {reply.status}: {reply.body[:200]}")
+    return reply.json
+
+
+def healthz(base_url: str, timeout: float = DEFAULT_TIMEOUT) -> Reply:
+    """Full health: JetStream on, meta leader known and current, every local replica current."""
+    return get(base_url, "/healthz", timeout)
