@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Debian packages the lab needs on the machine (nspawn hosts, base image, partitions).
-LAB_APT_PACKAGES := systemd-container debootstrap nftables zstd
+LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from nats_lab import cimnfs
 from nats_lab.config import LabError, cache_dir
-from nats_lab.util import require_tools, run, say
+from nats_lab.util import pid_cmdline, require_tools, run, say
 
 # Bump when the configuration below changes in a way the hash would not see.
 RECIPE_VERSION = 1
@@ -77,33 +77,79 @@ def rootfs(base: Path) -> Path:
     return base / "rootfs"
 
 
+def bootstrap_hash() -> str:
+    """The debootstrap stage depends on the package set only."""
+    blob = json.dumps([RECIPE_VERSION, SUITE, MIRROR, PACKAGES]).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def ensure_base(*, keep: set[Path] | None = None) -> Path:
-    """Return the cached base for the current recipe, building it if needed."""
+    """Return the cached base for the current recipe, building it if needed.
+
+    Two cached stages: the plain debootstrap result (slow, changes with the package list)
+    and the configured base (seconds, changes with the helper or the configuration).
+    """
     base = base_path()
     if (rootfs(base) / "etc/os-release").exists():
         say(f"base: cached {base}")
         return base
-    require_tools("debootstrap", "chroot")
+    require_tools("debootstrap", "chroot", "cp")
     cache_dir().mkdir(parents=True, exist_ok=True)
+    stage = _ensure_bootstrap()
     # Build next to the final place and rename: an interrupted build leaves no half image.
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir()))
     try:
-        _debootstrap(rootfs(tmp))
+        say("base: copying the debootstrap stage")
+        run(["cp", "-a", "--reflink=auto", str(rootfs(stage)), str(rootfs(tmp))])
         _configure(rootfs(tmp))
         (tmp / "recipe.json").write_text(json.dumps({"packages": PACKAGES}) + "\n")
+        tmp.chmod(0o755)
         tmp.rename(base)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     say(f"base: ready at {base}")
-    _prune(keep={base, *(keep or set())})
+    _prune(keep={base, stage, *(keep or set())})
     return base
 
 
+def _ensure_bootstrap() -> Path:
+    stage = cache_dir() / f"debootstrap-{bootstrap_hash()}"
+    if (rootfs(stage) / "etc/os-release").exists():
+        return stage
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=cache_dir()))
+    try:
+        _debootstrap(rootfs(tmp))
+        # The downloaded .debs are not needed in the hosts (they have no route to a mirror).
+        for deb in (rootfs(tmp) / "var/cache/apt/archives").glob("*.deb"):
+            deb.unlink()
+        tmp.chmod(0o755)
+        tmp.rename(stage)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return stage
+
+
+def _in_use() -> set[str]:
+    """Cache entries some running process (an nspawn of any checkout's lab) refers to."""
+    used: set[str] = set()
+    prefix = str(cache_dir()) + "/"
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            for arg in pid_cmdline(int(proc.name)):
+                for part in arg.split(prefix)[1:]:
+                    used.add(part.split("/")[0])
+    return used
+
+
 def _prune(keep: set[Path]) -> None:
-    """Drop older bases and leftovers of interrupted builds (none is in use: see caller)."""
+    """Drop older bases and leftovers of interrupted builds, unless a lab still uses them."""
+    used = _in_use()
     for entry in cache_dir().iterdir():
-        if entry.name.startswith(("base-", ".build-")) and entry not in keep:
+        if entry in keep or entry.name in used:
+            continue
+        if entry.name.startswith(("base-", "debootstrap-", ".build-")):
             say(f"base: removing old {entry.name}")
             shutil.rmtree(entry, ignore_errors=True)
 
@@ -120,9 +166,7 @@ def _debootstrap(root: Path) -> None:
     ]
     log_path = root.parent / "debootstrap.log"
     with (
-        subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        ) as proc,
+        subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc,
         log_path.open("w") as log,
     ):
         assert proc.stdout is not None
@@ -170,6 +214,3 @@ def _configure(root: Path) -> None:
     shutil.copyfile(cimnfs.__file__, helper)
     helper.chmod(0o755)
     (root / EXPORT_DIR).mkdir(parents=True, exist_ok=True)
-    # Downloaded .debs are not needed in the hosts (they have no route to any mirror anyway).
-    for deb in (root / "var/cache/apt/archives").glob("*.deb"):
-        deb.unlink()

@@ -188,12 +188,7 @@ def parse_options(text: str, *, sloppy: bool = False) -> MountOptions:
                 read_only = opt == "ro"
             else:
                 flags.append(opt)
-        elif (
-            opt in IGNORED_FLAGS
-            or ("=" in opt and key in IGNORED_KEYS)
-            or opt.startswith(IGNORED_PREFIXES)
-            or sloppy
-        ):
+        elif opt in IGNORED_FLAGS or ("=" in opt and key in IGNORED_KEYS) or opt.startswith(IGNORED_PREFIXES) or sloppy:
             ignored.append(opt)
         else:
             raise OptionError(f"unknown mount option {opt!r}")
@@ -281,8 +276,24 @@ def parse_argv(argv: list[str]) -> Invocation:
     )
 
 
+STAT_KEYS = (
+    "st_mode",
+    "st_ino",
+    "st_nlink",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_blocks",
+    "st_blksize",
+    "st_rdev",
+)
+
+
 class CimNfs:
     """Passthrough operations for fusepy (raw_fi mode: file ops get the fuse_file_info)."""
+
+    # Times as integer nanoseconds (fusepy reads this attribute).
+    use_ns = True
 
     def __init__(self, root: str, mountpoint: str, mounted_ns: int) -> None:
         self.root = root
@@ -322,22 +333,11 @@ class CimNfs:
 
     # --- metadata -----------------------------------------------------------------------
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        st = os.fstat(fh.fh) if fh is not None else os.lstat(self._real(path))
-        keys = (
-            "st_mode",
-            "st_ino",
-            "st_nlink",
-            "st_uid",
-            "st_gid",
-            "st_size",
-            "st_atime",
-            "st_mtime",
-            "st_ctime",
-            "st_blocks",
-            "st_blksize",
-            "st_rdev",
-        )
-        return {key: getattr(st, key) for key in keys}
+        # fh is the fuse_file_info for fstat(2), or a NULL pointer (falsy) otherwise.
+        st = os.fstat(fh.fh) if fh else os.lstat(self._real(path))
+        attrs: dict[str, Any] = {key: getattr(st, key) for key in STAT_KEYS}
+        attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
+        return attrs
 
     def statfs(self, path: str) -> dict[str, int]:
         # The backing file system's real numbers: free-space checks must see the share's.
@@ -362,14 +362,17 @@ class CimNfs:
     def chown(self, path: str, uid: int, gid: int) -> None:
         os.lchown(self._real(path), uid, gid)
 
-    def utimens(self, path: str, times: tuple[float, float] | None = None) -> None:
-        os.utime(self._real(path), times, follow_symlinks=False)
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        if times is None:
+            os.utime(self._real(path), follow_symlinks=False)
+        else:
+            os.utime(self._real(path), ns=times, follow_symlinks=False)
 
     def readlink(self, path: str) -> str:
         return os.readlink(self._real(path))
 
     def truncate(self, path: str, length: int, fh: Any = None) -> None:
-        if fh is not None:
+        if fh:
             os.ftruncate(fh.fh, length)
         else:
             os.truncate(self._real(path), length)

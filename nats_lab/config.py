@@ -121,9 +121,7 @@ def load_lab(repo: Path) -> Lab:
             address = ipaddress.IPv4Address(str(hvars["ansible_host"]))
             if address not in bridge_if.network:
                 raise LabError(f"{name}: {address} is outside the lab subnet {bridge_if.network}")
-            hosts.append(
-                Host(name=str(name), address=str(address), prefix=bridge_if.network.prefixlen)
-            )
+            hosts.append(Host(name=str(name), address=str(address), prefix=bridge_if.network.prefixlen))
         lab = Lab(
             repo=repo,
             bridge=str(gvars["lab_bridge_name"]),
@@ -132,9 +130,7 @@ def load_lab(repo: Path) -> Lab:
             mirror_port=int(gvars["lab_mirror_port"]),
             hosts=tuple(hosts),
             ssh_user=str(gvars.get("ansible_user", "ansible")),
-            ssh_key=_resolve_inventory_path(
-                str(gvars["ansible_ssh_private_key_file"]), path.parent
-            ),
+            ssh_key=_resolve_inventory_path(str(gvars["ansible_ssh_private_key_file"]), path.parent),
             ssh_common_args=tuple(shlex.split(str(gvars.get("ansible_ssh_common_args", "")))),
         )
     except (KeyError, TypeError, ValueError, yaml.YAMLError) as exc:

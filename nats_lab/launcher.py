@@ -50,13 +50,24 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
+    signals = {signal.SIGTERM, signal.SIGINT}
+
+    def unblock() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
+
     while True:
+        # Blocked while nspawn starts, so a SIGTERM then is not lost between check and start.
+        signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+        if stopping:
+            return 0
         started = time.strftime("%H:%M:%S")
         print(f"launcher: {started} starting {' '.join(command)}", flush=True)
-        child = subprocess.Popen(command)
+        # The launcher has no threads, so preexec_fn is safe here.
+        child = subprocess.Popen(command, preexec_fn=unblock)  # noqa: PLW1509
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)
         rc = child.wait()
         print(f"launcher: nspawn exited with {rc}", flush=True)
-        if rc != REBOOT_EXIT or stopping:
+        if rc != REBOOT_EXIT:
             return rc
 
 

@@ -159,6 +159,7 @@ def ensure_tree() -> Path:
                 (out / name).write_bytes(archive)
                 (out / SUMS_NAME).write_text(sums)
         (tmp / "complete").write_text("")
+        tmp.chmod(0o755)
         for old in cache_dir().glob("mirror-*"):
             shutil.rmtree(old, ignore_errors=True)
         tmp.rename(tree)
@@ -197,9 +198,7 @@ def start(lab: Lab) -> None:
     log = (lab.state / "mirror.log").open("ab")
     argv = [sys.executable, "-m", SERVER_MARKER, str(lab.mirror_port)]
     argv += ["--bind", lab.bridge_address, "--directory", str(lab.mirror_dir)]
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
-    )
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
     log.close()
     _pid_file(lab).write_text(f"{proc.pid}\n")
     deadline = time.monotonic() + 10

@@ -17,7 +17,20 @@ def ensure_key(lab: Lab) -> Path:
         lab.ssh_key.parent.mkdir(parents=True, exist_ok=True)
         lab.ssh_key.parent.chmod(0o700)
         say(f"ssh: generating {lab.ssh_key}")
-        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "nats-lab", "-f", str(lab.ssh_key)])
+        run(
+            [
+                "ssh-keygen",
+                "-q",
+                "-t",
+                "ed25519",
+                "-N",
+                "",
+                "-C",
+                "nats-lab",
+                "-f",
+                str(lab.ssh_key),
+            ]
+        )
     return lab.ssh_key
 
 

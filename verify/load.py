@@ -19,17 +19,10 @@ from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
-# Errors worth retrying while a node restarts or a leader moves: timeouts, "no responders",
-# 10008 "JetStream system temporarily unavailable", a connection being re-established.
-RETRYABLE = (
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.errors.ConnectionClosedError,
-    nats.errors.StaleConnectionError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.APIError,
-    asyncio.TimeoutError,
-)
+# Errors worth retrying while a node restarts or a leader moves: timeouts, no responders / no
+# stream response, 10008 "JetStream system temporarily unavailable" and other API errors, a
+# connection being re-established. All are nats.errors.Error subclasses.
+RETRYABLE = (nats.errors.Error, asyncio.TimeoutError)
 
 
 @dataclass

@@ -108,32 +108,61 @@ def _max_memory(cluster: Cluster) -> dict[str, int]:
     }
 
 
-def test_config_change_rolls_one_node_at_a_time_under_load(deployed_lab: Cluster) -> None:
-    before = _max_memory(deployed_lab)
-    with BackgroundPublisher(deployed_lab.client_urls) as publisher:
+def rolling_batches(json_stdout: str) -> list[dict[str, list[str]]]:
+    """For each batch of the rolling play: {host: [names of its tasks that changed]}."""
+    plays = json.loads(json_stdout)["plays"]
+    batches = []
+    for play in plays:
+        if not play["play"]["name"].startswith("Deploy | roll changes"):
+            continue
+        changed: dict[str, list[str]] = {}
+        for task in play["tasks"]:
+            for host, result in task["hosts"].items():
+                if result.get("changed"):
+                    changed.setdefault(host, []).append(task["task"]["name"])
+        batches.append(changed)
+    return batches
+
+
+def apply_under_load(cluster: Cluster, *extra: str) -> tuple[list[dict[str, list[str]]], BackgroundPublisher]:
+    with BackgroundPublisher(cluster.client_urls) as publisher:
         time.sleep(1)
-        result = run_playbook(
-            "site.yml", LAB_INVENTORY, "-e", "nats_server_jetstream_max_memory_store=768MB", json_output=True
-        )
+        result = run_playbook("site.yml", LAB_INVENTORY, *extra, json_output=True)
         time.sleep(1)
     assert result.returncode == 0, result.stdout[-4000:]
-    assert set(_max_memory(deployed_lab).values()) == {768 * 1024 * 1024}, before
-    # The rolling play ran one host per batch, each batch reloading exactly its own node.
-    plays = json.loads(result.stdout)["plays"]
-    rolling = [p for p in plays if p["play"]["name"].startswith("Deploy | roll changes")]
-    changed_per_batch = [
-        sorted(h for t in p["tasks"] for h, r in t["hosts"].items() if r.get("changed")) for p in rolling
-    ]
-    assert changed_per_batch == [["nats-1"], ["nats-2"], ["nats-3"]], changed_per_batch
+    return rolling_batches(result.stdout), publisher
+
+
+def assert_nothing_lost(publisher: BackgroundPublisher) -> None:
     missing, duplicated = publisher.audit()
     tally = publisher.tally
     assert tally.failed == [], f"publishes failed after retries: {tally.failed[:5]} errors={tally.errors}"
     assert missing == [] and duplicated == [], (missing[:5], duplicated[:5])
-    assert len(tally.acked) > 50
-    # Back to the inventory's value, the same way.
-    restored = run_playbook("site.yml", LAB_INVENTORY)
-    assert restored.returncode == 0, restored.stdout[-4000:]
-    assert _max_memory(deployed_lab) == before
+    assert len(tally.acked) > 50, tally
+
+
+def test_reloadable_change_rolls_one_node_at_a_time_under_load(deployed_lab: Cluster) -> None:
+    """Raising max_memory_store: NATS reloads it, so each node is reloaded in turn, none restarted."""
+    before = _max_memory(deployed_lab)
+    batches, publisher = apply_under_load(deployed_lab, "-e", "nats_server_jetstream_max_memory_store=1536MB")
+    assert set(_max_memory(deployed_lab).values()) == {1536 * 1024 * 1024}, before
+    assert [sorted(b) for b in batches] == [["nats-1"], ["nats-2"], ["nats-3"]], batches
+    for batch in batches:
+        (tasks,) = batch.values()
+        assert any("reload the config" in t for t in tasks), tasks
+        assert not any("restart" in t for t in tasks), tasks
+    assert_nothing_lost(publisher)
+
+
+def test_change_nats_cannot_reload_restarts_one_node_at_a_time_under_load(deployed_lab: Cluster) -> None:
+    """Back to the inventory's 1GB: NATS refuses to reload a decrease, so each node restarts in turn."""
+    batches, publisher = apply_under_load(deployed_lab)
+    assert set(_max_memory(deployed_lab).values()) == {1024 * 1024 * 1024}
+    assert [sorted(b) for b in batches] == [["nats-1"], ["nats-2"], ["nats-3"]], batches
+    for batch in batches:
+        (tasks,) = batch.values()
+        assert any("restart (lame duck" in t for t in tasks), tasks
+    assert_nothing_lost(publisher)
 
 
 def test_config_that_fails_the_checker_changes_nothing(deployed_lab: Cluster) -> None:

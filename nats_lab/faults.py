@@ -1,0 +1,220 @@
+"""Fault injection and healing: stop, kill, isolate, stale-storage.
+
+Active faults are kept in .lab/faults.json ({host: {kind: detail}}) so that `status` can
+show them and `heal` knows what to undo.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from nats_lab import cimnfs, hosts, net
+from nats_lab.config import Host, Lab, LabError
+from nats_lab.ssh import root_command, run_root, ssh_argv
+from nats_lab.util import kill, say, wait_gone
+
+KINDS = ("stop", "kill", "isolate", "stale-storage")
+# Undo in this order: a host must be reachable again before anything is done on it.
+HEAL_ORDER = ("isolate", "kill", "stale-storage", "stop")
+UNIT = "nats-server.service"
+
+Faults = dict[str, dict[str, Any]]
+
+
+def _path(lab: Lab) -> Path:
+    return lab.state / "faults.json"
+
+
+def load(lab: Lab) -> Faults:
+    try:
+        data: Faults = json.loads(_path(lab).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data
+
+
+def save(lab: Lab, faults: Faults) -> None:
+    faults = {host: kinds for host, kinds in faults.items() if kinds}
+    if not faults:
+        _path(lab).unlink(missing_ok=True)
+        return
+    tmp = _path(lab).with_suffix(".tmp")
+    tmp.write_text(json.dumps(faults, indent=2, sort_keys=True) + "\n")
+    tmp.replace(_path(lab))
+
+
+def active(lab: Lab, host: Host) -> list[str]:
+    return sorted(load(lab).get(host.name, {}))
+
+
+def isolated_hosts(lab: Lab, faults: Faults) -> list[Host]:
+    return [h for h in lab.hosts if "isolate" in faults.get(h.name, {})]
+
+
+def run_python(lab: Lab, host: Host, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run a python3 program as root on HOST (fed through stdin)."""
+    argv = [*ssh_argv(lab, host), root_command(["python3", "-"])]
+    try:
+        return subprocess.run(argv, input=code, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(argv, 255, "", f"ssh timed out after {timeout}s")
+
+
+def _remote(lab: Lab, host: Host, script: str, what: str) -> str:
+    proc = run_root(lab, host, script)
+    if proc.returncode != 0:
+        detail = (proc.stderr or proc.stdout).strip()
+        raise LabError(f"{host.name}: {what} failed ({proc.returncode}): {detail}")
+    return proc.stdout
+
+
+def cimnfs_mounts(lab: Lab, host: Host) -> list[str]:
+    out = _remote(lab, host, "cat /proc/mounts", "reading /proc/mounts")
+    kind = f"fuse.{cimnfs.FSTYPE}"
+    return [fields[1] for fields in (line.split() for line in out.splitlines()) if fields[2] == kind]
+
+
+def inject(lab: Lab, kind: str, host: Host) -> str:
+    """Start fault KIND on HOST; return a one-line description."""
+    faults = load(lab)
+    mine = faults.setdefault(host.name, {})
+    if kind in mine:
+        return f"{kind} on {host.name} is already active"
+    if "kill" in mine:
+        raise LabError(f"{host.name} is killed; heal it first")
+    if kind == "stop":
+        _remote(lab, host, f"systemctl stop {UNIT}", f"systemctl stop {UNIT}")
+        mine[kind] = {}
+        message = f"stopped {UNIT} on {host.name}"
+    elif kind == "kill":
+        pid = hosts.init_pid(lab, host)
+        launcher = hosts.launcher_pid(lab, host)
+        if pid is None or launcher is None:
+            raise LabError(f"{host.name} is not running")
+        # Recorded before the kill, so nothing mistakes the exit for a crash to recover from.
+        mine[kind] = {"init_pid": pid}
+        save(lab, faults)
+        kill(pid, signal.SIGKILL)
+        if wait_gone([launcher], 10):
+            raise LabError(f"{host.name}: launcher {launcher} still running after the kill")
+        message = f"killed {host.name} (SIGKILL to its init, pid {pid})"
+    elif kind == "isolate":
+        mine[kind] = {"veth": host.veth}
+        net.apply_isolation(isolated_hosts(lab, faults))
+        message = f"isolated {host.name} ({host.veth} dropped in nft {net.NFT_FAMILY} {net.NFT_TABLE})"
+    elif kind == "stale-storage":
+        mounts = cimnfs_mounts(lab, host)
+        if not mounts:
+            raise LabError(f"{host.name} has no {cimnfs.FSTYPE} mount")
+        flags = " ".join(f"'{cimnfs.flag_path(mp)}'" for mp in mounts)
+        _remote(lab, host, f"mkdir -p {cimnfs.FLAG_DIR} && touch {flags}", "setting stale flags")
+        mine[kind] = {"mounts": mounts}
+        message = f"storage on {host.name} is stale: {', '.join(mounts)}"
+    else:
+        raise LabError(f"unknown fault kind {kind!r}; valid kinds: {', '.join(KINDS)}")
+    save(lab, faults)
+    return message
+
+
+# Runs on the host as root with PARAMS prepended: what an operator does after a stale handle.
+REMOUNT = """
+import json, os, subprocess, sys
+from urllib.parse import quote
+
+
+def in_fstab(mp):
+    with open("/etc/fstab") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 1 and not fields[0].startswith("#") and fields[1] == mp:
+                return True
+    return False
+
+
+failed = False
+for mp in PARAMS["mounts"]:
+    marker_file = os.path.join(PARAMS["flag_dir"], quote(os.path.normpath(mp), safe="") + ".mount")
+    try:
+        with open(marker_file) as f:
+            marker = json.load(f)
+    except (OSError, ValueError):
+        marker = None
+    subprocess.run(["umount", "-l", mp], check=False)
+    if in_fstab(mp):
+        argv = ["mount", mp]
+    elif marker:
+        opts = marker["options"] or "rw"
+        argv = ["mount", "-t", PARAMS["fstype"], "-o", opts, marker["source"], mp]
+    else:
+        print(mp + ": not in fstab and no mount record", file=sys.stderr)
+        failed = True
+        continue
+    if subprocess.run(argv, check=False).returncode == 0:
+        print("remounted " + mp)
+    else:
+        print(mp + ": mount failed", file=sys.stderr)
+        failed = True
+unit = PARAMS["unit"]
+load = subprocess.run(["systemctl", "show", "-p", "LoadState", "--value", unit],
+                      capture_output=True, text=True).stdout.strip()
+if load == "loaded":
+    if subprocess.run(["systemctl", "restart", unit], check=False).returncode == 0:
+        print("restarted " + unit)
+    else:
+        print("restart of " + unit + " failed", file=sys.stderr)
+        failed = True
+sys.exit(1 if failed else 0)
+"""
+
+
+def _remount_code(mounts: list[str]) -> str:
+    params = {"mounts": mounts, "flag_dir": cimnfs.FLAG_DIR, "fstype": cimnfs.FSTYPE, "unit": UNIT}
+    return f"PARAMS = {json.dumps(params)}\n{REMOUNT}"
+
+
+def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
+    """Undo every active fault on HOST; return what was done."""
+    faults = load(lab)
+    mine = faults.get(host.name, {})
+    done: list[str] = []
+    for kind in HEAL_ORDER:
+        if kind not in mine:
+            continue
+        if kind == "isolate":
+            del mine[kind]
+            net.apply_isolation(isolated_hosts(lab, faults))
+            done.append(f"{host.name}: network restored")
+        elif kind == "kill":
+            if base_dir is None:
+                raise LabError("cannot restart a killed host: the lab's base image is unknown")
+            hosts.start(lab, host, base_dir)
+            result = hosts.wait_booted(lab, host)
+            del mine[kind]
+            # A reboot also cleared the stale flags (in /run) and remounted from fstab.
+            mine.pop("stale-storage", None)
+            done.append(f"{host.name}: booted again ({result.state}, {result.seconds:.1f}s)")
+        elif kind == "stale-storage":
+            proc = run_python(lab, host, _remount_code(list(mine[kind]["mounts"])))
+            if proc.returncode != 0:
+                raise LabError(f"{host.name}: remount failed: {(proc.stderr or proc.stdout).strip()}")
+            del mine[kind]
+            done.append(f"{host.name}: storage remounted ({proc.stdout.strip()})")
+        elif kind == "stop":
+            _remote(lab, host, f"systemctl start {UNIT}", f"systemctl start {UNIT}")
+            del mine[kind]
+            done.append(f"{host.name}: {UNIT} started")
+        save(lab, faults)
+    return done
+
+
+def heal(lab: Lab, targets: list[Host], base_dir: Path | None) -> list[str]:
+    done: list[str] = []
+    for host in targets:
+        for line in heal_host(lab, host, base_dir):
+            say(line)
+            done.append(line)
+    return done
