@@ -22,7 +22,7 @@ from nats.js.client import JetStreamContext
 # Errors worth retrying while a node restarts or a leader moves: timeouts, no responders / no
 # stream response, 10008 "JetStream system temporarily unavailable" and other API errors, a
 # connection being re-established. All are nats.errors.Error subclasses.
-RETRYABLE = (nats.errors.Error, asyncio.TimeoutError)
+RETRYABLE = (nats.errors.Error, TimeoutError)
 
 
 @dataclass
