@@ -19,6 +19,14 @@ from ansible.vars.manager import VariableManager
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("jetstream_storage", "nats_server")
 CLUSTER_GROUP = "nats_cluster"
+# How verify reaches a host over SSH: the same variables the deploy used.
+CONNECTION_VARIABLES = (
+    "ansible_user",
+    "ansible_port",
+    "ansible_become",
+    "ansible_ssh_private_key_file",
+    "ansible_ssh_common_args",
+)
 
 
 @dataclass(frozen=True)
@@ -28,6 +36,7 @@ class Node:
     host: str
     address: str
     settings: dict[str, Any]
+    connection: dict[str, Any]
 
     def __getitem__(self, name: str) -> Any:
         return self.settings[name]
@@ -40,6 +49,23 @@ class Node:
     def monitor_url(self) -> str:
         host = str(self.settings["nats_server_monitor_host"]).replace("0.0.0.0", self.address)
         return f"http://{host}:{self.settings['nats_server_monitor_port']}"
+
+    def testinfra_spec(self) -> tuple[str, dict[str, Any]]:
+        """(host spec, options) for testinfra.get_host, over the inventory's SSH settings."""
+        user = self.connection.get("ansible_user")
+        port = self.connection.get("ansible_port")
+        spec = f"ssh://{user + '@' if user else ''}{self.address}{':' + str(port) if port else ''}"
+        options: dict[str, Any] = {
+            "sudo": bool(self.connection.get("ansible_become")),
+            "ssh_extra_args": " ".join(
+                [str(self.connection.get("ansible_ssh_common_args", "")), "-o ConnectTimeout=3 -o BatchMode=yes"]
+            ).strip(),
+            "controlpersist": 30,
+            "timeout": 10,
+        }
+        if self.connection.get("ansible_ssh_private_key_file"):
+            options["ssh_identity_file"] = str(Path(self.connection["ansible_ssh_private_key_file"]).resolve())
+        return spec, options
 
     @property
     def client_url(self) -> str:
@@ -108,5 +134,6 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
         wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "jetstream_storage_", "lab_"))}
         settings = {k: templar.template(v) for k, v in wanted.items()}
         address = str(templar.template(host_vars.get("ansible_host", name)))
-        nodes.append(Node(host=name, address=address, settings=settings))
+        connection = {k: templar.template(v) for k, v in host_vars.items() if k in CONNECTION_VARIABLES}
+        nodes.append(Node(host=name, address=address, settings=settings, connection=connection))
     return Cluster(inventory=path, nodes=tuple(nodes))

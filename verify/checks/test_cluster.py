@@ -1,0 +1,155 @@
+"""The cluster as its monitor endpoints and the JetStream API describe it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from verify.client import connect
+from verify.inventory import Cluster, Node
+from verify.plugin import RunState, monitor_json
+
+pytestmark = pytest.mark.cluster
+
+
+def _answers(state: RunState, cluster: Cluster, path: str) -> dict[str, Any]:
+    """path from every node that answers; the silent ones are named in the failure."""
+    answers, silent = {}, []
+    for node in cluster.nodes:
+        try:
+            answers[node.host] = monitor_json(state, node, path)
+        except pytest.fail.Exception:
+            silent.append(node.host)
+    if not answers:
+        pytest.fail(f"no node's monitor port answers ({', '.join(silent)})", pytrace=False)
+    return answers
+
+
+@pytest.mark.runbook("cluster")
+def test_full_healthz(nats_node: Node, verify_state: RunState) -> None:
+    from verify import monitor  # noqa: PLC0415
+
+    key = f"monitor:{nats_node.host}"
+    if key in verify_state.unreachable:
+        pytest.fail(f"{nats_node.host}: {verify_state.unreachable[key]}", pytrace=False)
+    try:
+        reply = monitor.healthz(nats_node.monitor_url, timeout=min(3.0, max(0.5, verify_state.remaining())))
+    except monitor.MonitorUnreachable as error:
+        verify_state.unreachable[key] = f"monitor port not answering ({error})"
+        pytest.fail(f"{nats_node.host}: {verify_state.unreachable[key]}", pytrace=False)
+    if reply.status != 200:
+        try:
+            detail = "; ".join(e.get("error", str(e)) for e in reply.json.get("errors", [])) or reply.json.get("error")
+        except ValueError:
+            detail = reply.body[:200]
+        pytest.fail(f"{nats_node.host}: /healthz {reply.status}: {detail}", pytrace=False)
+
+
+@pytest.mark.runbook("config")
+def test_one_version_and_cluster_name(nats_cluster: Cluster, verify_state: RunState) -> None:
+    varz = _answers(verify_state, nats_cluster, "/varz")
+    versions = {host: v["version"] for host, v in varz.items()}
+    names = {host: v["cluster"].get("name") for host, v in varz.items()}
+    assert set(versions.values()) == {nats_cluster.setting("nats_server_version")}, f"versions: {versions}"
+    assert set(names.values()) == {nats_cluster.setting("nats_server_cluster_name")}, f"cluster names: {names}"
+
+
+@pytest.mark.runbook("cluster")
+def test_routes_reach_every_peer(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
+    routes = monitor_json(verify_state, nats_node, "/routez").get("routes") or []
+    reached = {r["remote_name"] for r in routes}
+    peers = {n.server_name for n in nats_cluster.nodes} - {nats_node.server_name}
+    assert peers <= reached, f"{nats_node.host}: no route to {', '.join(sorted(peers - reached))}"
+
+
+@pytest.mark.runbook("cluster")
+def test_meta_leader_and_every_peer_current(nats_cluster: Cluster, verify_state: RunState) -> None:
+    jsz = _answers(verify_state, nats_cluster, "/jsz")
+    leaders = {host: j.get("meta_cluster", {}).get("leader") for host, j in jsz.items()}
+    known = {v for v in leaders.values() if v}
+    assert len(known) == 1, f"meta leader: {leaders or 'none'} (JetStream answers 10008 without one)"
+    (leader_name,) = known
+    leader = next((n for n in nats_cluster.nodes if n.server_name == leader_name), None)
+    assert leader is not None, f"meta leader {leader_name} is not in the inventory"
+    meta = monitor_json(verify_state, leader, "/jsz")["meta_cluster"]
+    assert meta.get("cluster_size") == len(nats_cluster.nodes), (
+        f"meta group size {meta.get('cluster_size')}, inventory has {len(nats_cluster.nodes)} (stale or missing peers)"
+    )
+    behind = [r["name"] for r in meta.get("replicas", []) if not r.get("current") or r.get("offline")]
+    assert not behind, f"meta peers not current with leader {leader_name}: {', '.join(behind)}"
+
+
+@pytest.mark.runbook("config")
+def test_jetstream_domain(nats_node: Node, verify_state: RunState) -> None:
+    config = monitor_json(verify_state, nats_node, "/jsz").get("config", {})
+    assert config.get("domain") == nats_node["nats_server_jetstream_domain"], (
+        f"{nats_node.host}: domain {config.get('domain')!r}"
+    )
+    assert config.get("store_dir") == f"{nats_node['nats_server_jetstream_store_dir']}/jetstream", (
+        f"{nats_node.host}: store_dir {config.get('store_dir')!r}"
+    )
+
+
+@pytest.mark.runbook("cluster")
+def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """What `nats account info` shows; fails with the server's words (e.g. 10008) when it cannot."""
+
+    async def usage() -> Any:
+        nc = await connect(nats_cluster.client_urls, verify_state)
+        try:
+            return await nc.jetstream(timeout=2).account_info()
+        finally:
+            await nc.close()
+
+    info = asyncio.run(asyncio.wait_for(usage(), min(5.0, max(1.0, verify_state.remaining()))))
+    assert info.streams >= 0 and info.limits is not None
+    print(
+        f"account: memory {info.memory} B, storage {info.storage} B, streams {info.streams}, consumers {info.consumers}"
+    )
+
+
+@pytest.mark.runbook("cluster")
+def test_streams_have_leaders_and_current_replicas(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """`nats stream report`: every stream's leader and replicas, lagging or offline ones named."""
+    problems = []
+    for account in _stream_details(verify_state, nats_cluster):
+        for stream in account.get("stream_detail") or []:
+            name = stream["name"]
+            cluster = stream.get("cluster") or {}
+            if stream.get("config", {}).get("num_replicas", 1) > 1 and not cluster.get("leader"):
+                problems.append(f"{name}: no leader")
+            for replica in cluster.get("replicas") or []:
+                if replica.get("offline") or not replica.get("current"):
+                    problems.append(
+                        f"{name}: replica {replica['name']} {'offline' if replica.get('offline') else 'lagging'}"
+                    )
+    assert not problems, "; ".join(problems)
+
+
+@pytest.mark.runbook("consumers")
+def test_no_stale_consumer_build_up(
+    nats_cluster: Cluster, verify_state: RunState, request: pytest.FixtureRequest
+) -> None:
+    threshold = request.config.getoption("--max-consumers-per-stream")
+    crowded = {
+        stream["name"]: stream.get("state", {}).get("consumer_count", 0)
+        for account in _stream_details(verify_state, nats_cluster)
+        for stream in account.get("stream_detail") or []
+        if stream.get("state", {}).get("consumer_count", 0) > threshold
+    }
+    assert not crowded, f"consumers per stream above {threshold}: {crowded}"
+
+
+def _stream_details(state: RunState, cluster: Cluster) -> list[dict[str, Any]]:
+    """Account details with streams from the meta leader (it has every stream's placement)."""
+    jsz = _answers(state, cluster, "/jsz")
+    leader_name = next(
+        (j["meta_cluster"].get("leader") for j in jsz.values() if j.get("meta_cluster", {}).get("leader")), None
+    )
+    source = next((n for n in cluster.nodes if n.server_name == leader_name), None) or next(
+        n for n in cluster.nodes if n.host in jsz
+    )
+    detail = monitor_json(state, source, "/jsz?accounts=true&streams=true&config=true")
+    return list(detail.get("account_details") or [])
