@@ -13,7 +13,7 @@ LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: help setup lab-deps lab lab-up lab-down deploy health test test-unit test-lab lint bench clean
+.PHONY: help setup lab-deps lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
 
 help:
 	@echo "make lab       venv, lab up, deploy playbooks/site.yml, verify (the lab stays up: make lab-down)"
@@ -49,7 +49,10 @@ deploy: setup
 health: setup
 	$(BIN)/ansible-playbook -i $(LAB_INVENTORY) playbooks/health.yml
 
-lab: lab-up deploy health
+lab: lab-up deploy health verify
+
+verify: setup
+	$(BIN)/nats-verify -i $(LAB_INVENTORY)
 
 lint: setup
 	$(BIN)/yamllint -s .

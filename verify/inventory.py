@@ -60,7 +60,9 @@ class Node:
             "ssh_extra_args": " ".join(
                 [str(self.connection.get("ansible_ssh_common_args", "")), "-o ConnectTimeout=3 -o BatchMode=yes"]
             ).strip(),
-            "controlpersist": 30,
+            # One SSH connection per host for the whole run (testinfra needs the path to share it).
+            "controlpersist": 10,
+            "controlpath": f"/tmp/nats-verify-{self.host}.ssh",
             "timeout": 10,
         }
         if self.connection.get("ansible_ssh_private_key_file"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -91,6 +92,23 @@ def pytest_configure(config: pytest.Config) -> None:
     watchdog.start()
 
 
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Closes the shared SSH connections now rather than leaving them to time out."""
+    cluster = config.stash.get(CLUSTER_KEY, None)
+    state = config.stash.get(STATE_KEY, None)
+    if cluster is None or state is None:
+        return
+    for node in cluster.nodes:
+        if node.host in state.hosts:
+            _, options = node.testinfra_spec()
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={options['controlpath']}", "-O", "exit", node.address],
+                capture_output=True,
+                timeout=5,
+                check=False,
+            )
+
+
 def _deadline_exceeded(deadline: float) -> None:
     sys.stderr.write(f"\nnats-verify: the run passed its {deadline:.0f} s deadline and was stopped.\n")
     sys.stderr.flush()
@@ -129,13 +147,23 @@ def nats_host(nats_node: Node, verify_state: RunState) -> Any:
     if nats_node.host not in verify_state.hosts:
         spec, options = nats_node.testinfra_spec()
         host = testinfra.get_host(spec, **options)
-        probe = host.run("true")
-        if probe.rc != 0:
-            reason = f"unreachable over SSH ({probe.stderr.strip() or 'rc ' + str(probe.rc)})"
-            verify_state.unreachable[key] = reason
-            pytest.fail(f"{nats_node.host}: {reason}", pytrace=False)
+        try:
+            probe = host.run("true")
+            failure = "" if probe.rc == 0 else (probe.stderr.strip() or f"rc {probe.rc}")
+        except Exception as error:  # testinfra raises on transport failures, with the result inside
+            result = error.args[0] if error.args else None
+            failure = str(getattr(result, "stderr", "") or error).strip() or type(error).__name__
+        if failure:
+            verify_state.unreachable[key] = f"unreachable over SSH ({failure})"
+            pytest.fail(f"{nats_node.host}: {verify_state.unreachable[key]}", pytrace=False)
         verify_state.hosts[nats_node.host] = host
     return verify_state.hosts[nats_node.host]
+
+
+def client_urls(state: RunState, cluster: Cluster) -> list[str]:
+    """Client URLs of the nodes not already known to be down (all of them if none is left)."""
+    alive = [n.client_url for n in cluster.nodes if f"monitor:{n.host}" not in state.unreachable]
+    return alive or cluster.client_urls
 
 
 def monitor_json(state: RunState, node: Node, path: str) -> Any:

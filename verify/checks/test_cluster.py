@@ -9,7 +9,7 @@ import pytest
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, monitor_json
+from verify.plugin import RunState, client_urls, monitor_json
 
 pytestmark = pytest.mark.cluster
 
@@ -97,7 +97,7 @@ def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) 
     """What `nats account info` shows; fails with the server's words (e.g. 10008) when it cannot."""
 
     async def usage() -> Any:
-        nc = await connect(nats_cluster.client_urls, verify_state)
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state)
         try:
             return await nc.jetstream(timeout=2).account_info()
         finally:

@@ -20,7 +20,7 @@ from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 from verify import eventstore as es
 from verify.client import connect
 from verify.inventory import Cluster
-from verify.plugin import RunState
+from verify.plugin import RunState, client_urls
 
 pytestmark = [pytest.mark.eventstore, pytest.mark.runbook("eventstore")]
 T = TypeVar("T")
@@ -39,7 +39,7 @@ class Probe:
         """body(nc) on a fresh connection, inside this check's share of the run's deadline."""
 
         async def main() -> T:
-            nc = await connect(self.cluster.client_urls, self.state)
+            nc = await connect(client_urls(self.state, self.cluster), self.state)
             try:
                 return await body(nc)
             finally:
