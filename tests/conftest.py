@@ -19,6 +19,12 @@ def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
     )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The lab tool's own tests first: they end by taking the lab down and up again (fresh hosts),
+    so the deploy and verify tests after them start from a fresh lab."""
+    items.sort(key=lambda item: 0 if "lab_tool" in item.path.parts else 1)
+
+
 @pytest.fixture(scope="session")
 def lab_cluster() -> Iterator[Cluster]:
     """The lab, up. Brought down again at the end if this session started it."""

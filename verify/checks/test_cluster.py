@@ -135,21 +135,26 @@ def test_no_stale_consumer_build_up(
     threshold = request.config.getoption("--max-consumers-per-stream")
     crowded = {
         stream["name"]: stream.get("state", {}).get("consumer_count", 0)
-        for account in _stream_details(verify_state, nats_cluster)
-        for stream in account.get("stream_detail") or []
+        for stream in _stream_details(verify_state, nats_cluster)
         if stream.get("state", {}).get("consumer_count", 0) > threshold
     }
     assert not crowded, f"consumers per stream above {threshold}: {crowded}"
 
 
 def _stream_details(state: RunState, cluster: Cluster) -> list[dict[str, Any]]:
-    """Account details with streams from the meta leader (it has every stream's placement)."""
-    jsz = _answers(state, cluster, "/jsz")
-    leader_name = next(
-        (j["meta_cluster"].get("leader") for j in jsz.values() if j.get("meta_cluster", {}).get("leader")), None
-    )
-    source = next((n for n in cluster.nodes if n.server_name == leader_name), None) or next(
-        n for n in cluster.nodes if n.host in jsz
-    )
-    detail = monitor_json(state, source, "/jsz?accounts=true&streams=true&config=true")
-    return list(detail.get("account_details") or [])
+    """Every stream as its own leader reports it (only the leader knows whether its replicas are
+    current); a stream without a leader as any node reports it."""
+    by_name: dict[str, dict[str, Any]] = {}
+    for node in cluster.nodes:
+        try:
+            detail = monitor_json(state, node, "/jsz?accounts=true&streams=true&config=true")
+        except pytest.fail.Exception:
+            continue
+        for account in detail.get("account_details") or []:
+            for stream in account.get("stream_detail") or []:
+                from_leader = (stream.get("cluster") or {}).get("leader") == node.server_name
+                if from_leader or stream["name"] not in by_name:
+                    by_name[stream["name"]] = stream
+    if not by_name and all(f"monitor:{n.host}" in state.unreachable for n in cluster.nodes):
+        pytest.fail("no node's monitor port answers", pytrace=False)
+    return list(by_name.values())

@@ -11,8 +11,10 @@ import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
+import nats
 import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
@@ -24,13 +26,22 @@ from verify.plugin import RunState, client_urls
 
 pytestmark = [pytest.mark.eventstore, pytest.mark.runbook("eventstore")]
 T = TypeVar("T")
+PROBE_PREFIX = "VERIFY_PROBE_"
+LEFTOVER_AGE_SECONDS = 120
+
+
+def _age_seconds(created: datetime | None) -> float:
+    if created is None:
+        return 0.0
+    stamp = created if created.tzinfo else created.replace(tzinfo=UTC)
+    return (datetime.now(UTC) - stamp).total_seconds()
 
 
 class Probe:
     def __init__(self, cluster: Cluster, state: RunState) -> None:
         self.cluster = cluster
         self.state = state
-        self.stream = f"VERIFY_PROBE_{state.run_id}"
+        self.stream = f"{PROBE_PREFIX}{state.run_id}"
         self.prefix = f"verifyprobe.{state.run_id}.infrastructure"
         self.consumer_prefix = f"verify-{state.run_id}"
         self.replicas = min(3, len(cluster.nodes))
@@ -64,7 +75,14 @@ def probe(nats_cluster: Cluster, verify_state: RunState) -> Iterator[Probe]:
     probe = Probe(nats_cluster, verify_state)
 
     async def create(nc: Client) -> None:
-        await nc.jetstream(timeout=3).add_stream(
+        js = nc.jetstream(timeout=3)
+        # Probes an earlier run could not remove (it ran into a fault) go first; a probe younger
+        # than that may belong to a run still going.
+        for info in await js.streams_info():
+            name = info.config.name or ""
+            if name.startswith(PROBE_PREFIX) and _age_seconds(info.created) > LEFTOVER_AGE_SECONDS:
+                await js.delete_stream(name)
+        await js.add_stream(
             StreamConfig(
                 name=probe.stream,
                 subjects=[f"{probe.prefix}.>"],
@@ -81,7 +99,17 @@ def probe(nats_cluster: Cluster, verify_state: RunState) -> Iterator[Probe]:
     yield probe
 
     async def remove(nc: Client) -> None:
-        await nc.jetstream(timeout=3).delete_stream(probe.stream)
+        js = nc.jetstream(timeout=3)
+        for attempt in range(3):
+            try:
+                await js.delete_stream(probe.stream)
+                return
+            except nats.js.errors.NotFoundError:
+                return
+            except nats.errors.Error:
+                if attempt == 2:
+                    raise
+                await asyncio.sleep(0.3)
 
     # The probe goes even when checks failed; a run past its deadline still gets a few seconds.
     probe.state.deadline = max(probe.state.deadline, time.monotonic() - probe.state.started + 4)

@@ -1,0 +1,125 @@
+"""nats-verify against the real lab: green on a healthy cluster; for each lab fault the right
+checks fail, naming the right node, well inside 30 s; green again after heal."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import nats_lab
+from tests.helpers import BIN, LAB_INVENTORY, REPO
+from verify import monitor
+from verify.inventory import Cluster
+
+pytestmark = pytest.mark.lab
+
+TARGET = "nats-2"
+# Checks that must fail for each fault, all about TARGET (name fragments of the check ids).
+EXPECTED_FAILURES = {
+    "stop": {
+        f"test_service_active_and_enabled[{TARGET}]",
+        f"test_full_healthz[{TARGET}]",
+        f"test_ports_listening[{TARGET}]",
+    },
+    "kill": {f"test_service_active_and_enabled[{TARGET}]", f"test_full_healthz[{TARGET}]"},
+    "isolate": {f"test_service_active_and_enabled[{TARGET}]", f"test_full_healthz[{TARGET}]"},
+    "stale-storage": {f"test_storage_answers_stat_and_write_probe[{TARGET}]"},
+}
+SYMPTOMS = {
+    "stop": "nats-server is not running",
+    "kill": "unreachable over SSH",
+    "isolate": "unreachable over SSH",
+    "stale-storage": "Stale file handle",
+}
+
+
+def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float, str]:
+    report = tmp_path / f"verify-{time.monotonic_ns()}.json"
+    start = time.monotonic()
+    result = subprocess.run(
+        [str(BIN / "nats-verify"), "-i", str(LAB_INVENTORY), "--verify-json", str(report), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    elapsed = time.monotonic() - start
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return result.returncode, data, elapsed, result.stdout + result.stderr
+
+
+def failed_checks(report: dict[str, Any]) -> dict[str, str]:
+    return {c["nodeid"].split("::")[-1]: c["symptom"] for c in report.get("checks", []) if c["outcome"] == "failed"}
+
+
+def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while True:
+        states = {}
+        for node in cluster.nodes:
+            try:
+                states[node.host] = monitor.healthz(node.monitor_url, timeout=1).status
+            except monitor.MonitorUnreachable as error:
+                states[node.host] = str(error)
+        if all(s == 200 for s in states.values()):
+            return
+        assert time.monotonic() < deadline, f"not healthy after {seconds} s: {states}"
+        time.sleep(1)
+
+
+def test_verify_passes_on_the_healthy_cluster(deployed_lab: Cluster, tmp_path: Path) -> None:
+    wait_healthy(deployed_lab)
+    code, report, elapsed, output = nats_verify(tmp_path)
+    assert code == 0, output[-3000:]
+    assert report["failed"] == 0 and report["passed"] >= 40, report
+    groups = {c["group"] for c in report["checks"]}
+    assert groups == {"host", "cluster", "eventstore"}
+    assert "nats-verify summary" in output
+    print(f"verify on a healthy lab: {elapsed:.1f} s wall, {report['passed']} checks")
+
+
+def test_verify_leaves_no_probe_stream_or_consumer(deployed_lab: Cluster, tmp_path: Path) -> None:
+    nats_verify(tmp_path)
+    jsz = monitor.get_json(deployed_lab.nodes[0].monitor_url, "/jsz?accounts=true&streams=true")
+    streams = [s["name"] for a in jsz.get("account_details") or [] for s in a.get("stream_detail") or []]
+    assert not [s for s in streams if s.startswith("VERIFY_PROBE_")], streams
+
+
+def test_verify_selects_groups_by_marker(deployed_lab: Cluster, tmp_path: Path) -> None:
+    code, report, _, output = nats_verify(tmp_path, "-m", "host")
+    assert code == 0, output[-2000:]
+    assert {c["group"] for c in report["checks"]} == {"host"}
+
+
+@pytest.mark.parametrize("fault", ["stop", "kill", "isolate", "stale-storage"])
+def test_fault_is_named_within_30_seconds_and_heals(deployed_lab: Cluster, tmp_path: Path, fault: str) -> None:
+    wait_healthy(deployed_lab)
+    injected = nats_lab("fault", fault, TARGET)
+    assert injected.returncode == 0, injected.stdout + injected.stderr
+    try:
+        code, report, elapsed, output = nats_verify(tmp_path)
+    finally:
+        healed = nats_lab("heal", TARGET)
+    assert healed.returncode == 0, healed.stdout + healed.stderr
+    assert code != 0, f"verify passed with {fault} on {TARGET}"
+    assert elapsed < 30, f"verify took {elapsed:.1f} s with {fault} on {TARGET}"
+    failures = failed_checks(report)
+    assert EXPECTED_FAILURES[fault] <= set(failures), f"{fault}: failed checks were {sorted(failures)}"
+    for check in EXPECTED_FAILURES[fault]:
+        assert TARGET in failures[check], failures[check]
+    assert any(SYMPTOMS[fault] in symptom for symptom in failures.values()), failures
+    # Host checks of the other nodes stay green: the failure is pinned on the right node.
+    host_failures_elsewhere = [
+        c for c in report["checks"] if c["group"] == "host" and c["node"] != TARGET and c["outcome"] == "failed"
+    ]
+    assert not host_failures_elsewhere, host_failures_elsewhere
+    print(f"{fault} on {TARGET}: verify failed in {elapsed:.1f} s with {len(failures)} failing checks")
+    wait_healthy(deployed_lab)
+    code, report, _, output = nats_verify(tmp_path)
+    assert code == 0, f"still failing after heal of {fault}:\n{output[-3000:]}"
