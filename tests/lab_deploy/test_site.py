@@ -12,9 +12,9 @@ import time
 import pytest
 
 from tests.conftest import nats_lab
-from tests.helpers import LAB_INVENTORY, run_playbook
+from tests.helpers import LAB_INVENTORY, REPO, run_playbook
 from verify import monitor
-from verify.inventory import Cluster
+from verify.inventory import Cluster, Node
 from verify.load import BackgroundPublisher
 
 pytestmark = pytest.mark.lab
@@ -185,17 +185,33 @@ def test_config_that_fails_the_checker_changes_nothing(deployed_lab: Cluster) ->
     wait_all_healthy(deployed_lab, 10)
 
 
-def test_tampered_release_is_refused_and_nothing_changes(deployed_lab: Cluster) -> None:
-    mirror = deployed_lab.nodes[0]["nats_server_release_base_url"]
-    before = {
-        n.host: (on(n.host, "readlink /usr/local/sbin/nats-server"), service_identity(n.host))
-        for n in deployed_lab.nodes
-    }
+def release_source(cluster: Cluster, source: str, tree: str = "") -> list[str]:
+    """Extra vars that point the role at the lab mirror (url) or its files on the controller."""
+    if source == "url":
+        return ["-e", f"nats_server_release_base_url={cluster.nodes[0]['nats_server_release_base_url']}{tree}"]
+    return [
+        "-e",
+        "nats_server_artifact_source=controller",
+        "-e",
+        f"nats_server_controller_release_dir={REPO}/.lab/mirror{tree}",
+    ]
+
+
+@pytest.mark.parametrize("source", ["url", "controller"])
+def test_tampered_release_is_refused_and_nothing_changes(deployed_lab: Cluster, source: str) -> None:
+    def state(node: Node) -> tuple[str, str, str]:
+        # The controller source stages its copies in their own directory: that is allowed to appear.
+        return (
+            on(node.host, "readlink /usr/local/sbin/nats-server"),
+            service_identity(node.host),
+            on(node.host, "ls /opt/nats-server /var/cache/nats-server | grep -vx controller"),
+        )
+
+    before = {n.host: state(n) for n in deployed_lab.nodes}
     result = run_playbook(
         "site.yml",
         LAB_INVENTORY,
-        "-e",
-        f"nats_server_release_base_url={mirror}/tampered",
+        *release_source(deployed_lab, source, "/tampered"),
         "-e",
         "nats_server_version=2.14.6",
         "-e",
@@ -203,18 +219,27 @@ def test_tampered_release_is_refused_and_nothing_changes(deployed_lab: Cluster) 
     )
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "download the release archive and verify its checksum" in output
-    assert "did not match" in output, output[-3000:]
-    for node in deployed_lab.nodes:
-        assert on(node.host, "test -e /opt/nats-server/2.14.6 && echo present || echo absent").strip() == "absent"
-        assert on(node.host, "ls /var/cache/nats-server/").split().count("nats-server-v2.14.6-linux-amd64.tar.gz") == 0
-    after = {
-        n.host: (on(n.host, "readlink /usr/local/sbin/nats-server"), service_identity(n.host))
-        for n in deployed_lab.nodes
-    }
+    if source == "url":
+        assert "download the release archive and verify its checksum" in output
+        assert "did not match" in output, output[-3000:]
+    else:
+        assert "does not match its SHA256SUMS" in output and "refusing it" in output, output[-3000:]
+    assert all(c["changed"] == 0 for c in recap(result.stdout).values()), recap(result.stdout)
+    after = {n.host: state(n) for n in deployed_lab.nodes}
     assert after == before
-    counts = recap(result.stdout)
-    assert all(c["changed"] == 0 for c in counts.values()), counts
+    assert all(
+        on(n.host, "test -e /opt/nats-server/2.14.6 && echo yes || echo no").strip() == "no" for n in deployed_lab.nodes
+    )
+
+
+def test_release_from_the_controller_converges_without_restarts(deployed_lab: Cluster) -> None:
+    before = {n.host: service_identity(n.host) for n in deployed_lab.nodes}
+    result = run_playbook("site.yml", LAB_INVENTORY, *release_source(deployed_lab, "controller"))
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert {n.host: service_identity(n.host) for n in deployed_lab.nodes} == before
+    for node in deployed_lab.nodes:
+        sums = on(node.host, "cat /var/cache/nats-server/controller/SHA256SUMS")
+        assert "nats-server-v2.15.1-linux-amd64.tar.gz" in sums
 
 
 def test_server_refuses_to_start_without_its_storage_mount(deployed_lab: Cluster) -> None:
