@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import nats
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js.api import PubAck
 from nats.js.client import JetStreamContext
 
@@ -28,7 +28,7 @@ BATCH_SEQUENCE = "Nats-Batch-Sequence"
 BATCH_COMMIT = "Nats-Batch-Commit"
 # "wrong last sequence" (10071) and the R3 race variant (10164) both mean: someone wrote first.
 CONFLICT_CODES = frozenset({10071, 10164})
-DIRECT_BATCH_LIMIT = 256
+DIRECT_BATCH_LIMIT = 1000
 
 
 class ConcurrencyConflict(Exception):
@@ -51,11 +51,12 @@ class Event:
         return json.dumps({"event_id": self.event_id, "event_type": self.event_type, "data": self.data}).encode()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     subject: str
     sequence: int
     payload: bytes
+    # As stored, plus the direct-get headers (Nats-Stream, Nats-Sequence, Nats-Subject ...).
     headers: dict[str, str]
 
 
@@ -158,28 +159,31 @@ async def read_aggregate(nc: Client, stream: str, subject_filter: str, *, timeou
 
 
 async def _direct_batch(nc: Client, stream: str, request: dict[str, Any], timeout: float) -> list[StoredEvent]:
-    inbox = nc.new_inbox()
-    sub = await nc.subscribe(inbox)
+    """One batched direct get; messages are collected by a callback (no per-message wait) until
+    the server's end-of-batch status."""
     got: list[StoredEvent] = []
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    async def collect(msg: Msg) -> None:
+        headers = msg.headers or {}
+        status = headers.get("Status")
+        if status is None:
+            got.append(StoredEvent(headers["Nats-Subject"], int(headers["Nats-Sequence"]), msg.data, headers))
+        elif done.done():
+            return
+        elif status in {"204", "404"}:  # 204 end of batch, 404 nothing (left) to read
+            done.set_result(None)
+        else:
+            done.set_exception(
+                nats.js.errors.APIError(description=f"direct get: {status} {headers.get('Description', '')}")
+            )
+
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox, cb=collect)
     try:
         await nc.publish(f"$JS.API.DIRECT.GET.{stream}", json.dumps(request).encode(), reply=inbox)
-        deadline = time.monotonic() + timeout
-        while True:
-            msg = await sub.next_msg(timeout=max(0.01, deadline - time.monotonic()))
-            headers = dict(msg.headers or {})
-            status = headers.get("Status")
-            if status in {"204", "404"}:  # 204 end of batch, 404 nothing (left) to read
-                return got
-            if status:
-                raise nats.js.errors.APIError(description=f"direct get: {status} {headers.get('Description', '')}")
-            got.append(
-                StoredEvent(
-                    subject=headers.get("Nats-Subject", ""),
-                    sequence=int(headers["Nats-Sequence"]),
-                    payload=msg.data,
-                    headers={k: v for k, v in headers.items() if k == MSG_ID or not k.startswith("Nats-")},
-                )
-            )
+        await asyncio.wait_for(done, timeout)
+        return got
     finally:
         await sub.unsubscribe()
 

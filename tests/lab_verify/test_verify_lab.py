@@ -61,7 +61,7 @@ def failed_checks(report: dict[str, Any]) -> dict[str, str]:
 def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
     deadline = time.monotonic() + seconds
     while True:
-        states = {}
+        states: dict[str, int | str] = {}
         for node in cluster.nodes:
             try:
                 states[node.host] = monitor.healthz(node.monitor_url, timeout=1).status

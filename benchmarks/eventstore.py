@@ -1,0 +1,171 @@
+"""Event-store and verify figures on the deployed lab, printed (not asserted), each with its baseline
+measured in the same run:  python -m benchmarks.eventstore
+
+1. nats-verify wall time: healthy, and with nats-3 stopped
+2. empty-aggregate read: verify.eventstore (direct get) vs the CIM's fetch-until-timeout (2 s expiry)
+3. OCC append rate vs plain publish, same R3 stream
+4. replay of 10k events: batched direct get vs a raw ordered consumer
+Goals (issue #3): verify <= 10 s healthy, <= 30 s with a node down; empty read >= 40x faster;
+OCC >= 0.8x plain; replay >= 0.8x ordered consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import nats
+from nats.aio.client import Client
+from nats.js.api import ConsumerConfig, StorageType, StreamConfig
+
+from verify import eventstore as es
+from verify.inventory import load_cluster
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+STREAM = "BENCH_EVENTS"
+PREFIX = "bench.infrastructure"
+REPLAY_EVENTS = 10_000
+
+
+def verify_seconds() -> float:
+    start = time.monotonic()
+    subprocess.run([str(BIN / "nats-verify"), "-i", "inventory/lab"], cwd=REPO, capture_output=True, check=False)
+    return time.monotonic() - start
+
+
+def event(n: int) -> es.Event:
+    return es.Event("ticked", {"n": n}, str(uuid.uuid4()))
+
+
+async def cim_empty_read(nc: Client, subject_filter: str) -> float:
+    """The CIM's read: a pull consumer on the aggregate, fetch with a 2 s expiry, stop on timeout."""
+    js = nc.jetstream(timeout=5)
+    start = time.monotonic()
+    psub = await js.pull_subscribe(subject_filter, stream=STREAM, config=ConsumerConfig(inactive_threshold=5.0))
+    try:
+        await psub.fetch(100, timeout=2)
+    except nats.errors.TimeoutError:
+        pass
+    finally:
+        await psub.unsubscribe()
+    return time.monotonic() - start
+
+
+async def our_empty_read(nc: Client, subject_filter: str) -> float:
+    start = time.monotonic()
+    await es.read_aggregate(nc, STREAM, subject_filter)
+    return time.monotonic() - start
+
+
+async def append_rates(nc: Client, count: int) -> tuple[float, float]:
+    js = nc.jetstream(timeout=5)
+    agg = str(uuid.uuid4())
+    subject = es.event_subject(PREFIX, "host", agg, "ticked")
+    start = time.monotonic()
+    for n in range(count):
+        await js.publish(subject, event(n).payload())
+    plain = count / (time.monotonic() - start)
+    agg = str(uuid.uuid4())
+    flt = es.aggregate_filter(PREFIX, "host", agg)
+    subject = es.event_subject(PREFIX, "host", agg, "ticked")
+    expected = 0
+    start = time.monotonic()
+    for n in range(count):
+        ack = await es.append(js, subject, event(n), expected_last_sequence=expected, expectation_subject=flt)
+        expected = ack.seq
+    occ = count / (time.monotonic() - start)
+    return occ, plain
+
+
+async def replay_rates(nc: Client) -> tuple[float, float]:
+    js = nc.jetstream(timeout=10)
+    agg = str(uuid.uuid4())
+    flt = es.aggregate_filter(PREFIX, "host", agg)
+    subject = es.event_subject(PREFIX, "host", agg, "ticked")
+    for chunk in range(0, REPLAY_EVENTS, 500):
+        acks = [await js.publish_async(subject, event(n).payload()) for n in range(chunk, chunk + 500)]
+        await asyncio.gather(*acks)
+    start = time.monotonic()
+    events = await es.read_aggregate(nc, STREAM, flt, timeout=10)
+    ours = len(events) / (time.monotonic() - start)
+    assert len(events) == REPLAY_EVENTS, len(events)
+    start = time.monotonic()
+    sub = await js.subscribe(flt, ordered_consumer=True, stream=STREAM)
+    seen = 0
+    while True:
+        msg = await sub.next_msg(timeout=10)
+        seen += 1
+        if msg.metadata.num_pending == 0:
+            break
+    await sub.unsubscribe()
+    ordered = seen / (time.monotonic() - start)
+    return ours, ordered
+
+
+async def eventstore_figures(servers: list[str]) -> dict[str, float]:
+    nc = await nats.connect(servers=servers, connect_timeout=3)
+    js = nc.jetstream(timeout=10)
+    try:
+        await js.add_stream(
+            StreamConfig(
+                name=STREAM,
+                subjects=[f"{PREFIX}.>"],
+                storage=StorageType.FILE,
+                num_replicas=3,
+                allow_direct=True,
+                allow_atomic=True,
+            )
+        )
+        empty = [es.aggregate_filter(PREFIX, "host", str(uuid.uuid4())) for _ in range(5)]
+        cim = [await cim_empty_read(nc, f) for f in empty]
+        ours = [await our_empty_read(nc, f) for f in empty * 10]
+        occ, plain = await append_rates(nc, 500)
+        replay_ours, replay_ordered = await replay_rates(nc)
+        return {
+            "empty_cim": statistics.median(cim),
+            "empty_ours": statistics.median(ours),
+            "occ": occ,
+            "plain": plain,
+            "replay_ours": replay_ours,
+            "replay_ordered": replay_ordered,
+        }
+    finally:
+        await js.delete_stream(STREAM)
+        await nc.close()
+
+
+def main() -> None:
+    cluster = load_cluster(REPO / "inventory" / "lab")
+    healthy = verify_seconds()
+    subprocess.run([str(BIN / "nats-lab"), "fault", "stop", "nats-3"], cwd=REPO, capture_output=True, check=True)
+    try:
+        degraded = verify_seconds()
+    finally:
+        subprocess.run([str(BIN / "nats-lab"), "heal", "nats-3"], cwd=REPO, capture_output=True, check=True)
+    time.sleep(5)
+    f = asyncio.run(eventstore_figures(cluster.client_urls))
+    print(f"{'figure':48} {'value':>12} {'baseline':>12} {'ratio':>8}  goal")
+    print(f"{'nats-verify wall, healthy (s)':48} {healthy:12.2f} {'':>12} {'':>8}  <= 10 s")
+    print(f"{'nats-verify wall, nats-3 stopped (s)':48} {degraded:12.2f} {'':>12} {'':>8}  <= 30 s")
+    print(
+        f"{'empty-aggregate read, median (ms)':48} {f['empty_ours'] * 1000:12.2f} {f['empty_cim'] * 1000:12.1f} "
+        f"{f['empty_cim'] / f['empty_ours']:7.0f}x  >= 40x faster than fetch-until-timeout"
+    )
+    occ_ratio = f["occ"] / f["plain"]
+    print(
+        f"{'OCC append rate vs plain publish (msg/s)':48} {f['occ']:12.0f} {f['plain']:12.0f} {occ_ratio:7.2f}x  >=0.8x"
+    )
+    print(
+        f"{'replay of 10k events vs ordered consumer (ev/s)':48} {f['replay_ours']:12.0f} {f['replay_ordered']:12.0f} "
+        f"{f['replay_ours'] / f['replay_ordered']:7.2f}x  >= 0.8x"
+    )
+
+
+if __name__ == "__main__":
+    main()
