@@ -54,6 +54,8 @@ class RunState:
     results: list[CheckResult] = field(default_factory=list)
     unreachable: dict[str, str] = field(default_factory=dict)
     hosts: dict[str, Any] = field(default_factory=dict)
+    # Lines for the report under the summary (account usage, stream table), as `nats` shows them.
+    report: list[str] = field(default_factory=list)
 
     def remaining(self) -> float:
         return self.deadline - (time.monotonic() - self.started)
@@ -233,6 +235,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             write(f"      - {result.nodeid.split('::')[-1]}: {result.symptom}")
             if result.runbook:
                 write(f"        next: {result.runbook}")
+    if state.report:
+        write("  report:")
+        for line in state.report:
+            write(f"    {line}")
     path = config.getoption("--verify-json")
     if path:
         Path(path).write_text(
@@ -243,6 +249,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                     "passed": sum(r.outcome == "passed" for r in state.results),
                     "failed": sum(r.outcome == "failed" for r in state.results),
                     "checks": [r.__dict__ for r in state.results],
+                    "report": state.report,
                 },
                 indent=2,
             )

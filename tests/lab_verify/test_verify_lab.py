@@ -3,13 +3,17 @@ checks fail, naming the right node, well inside 30 s; green again after heal."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nats
 import pytest
+from nats.js.api import StorageType, StreamConfig
 
 from tests.conftest import nats_lab
 from tests.helpers import BIN, LAB_INVENTORY, REPO
@@ -97,8 +101,33 @@ def test_verify_selects_groups_by_marker(deployed_lab: Cluster, tmp_path: Path) 
     assert {c["group"] for c in report["checks"]} == {"host"}
 
 
+@pytest.fixture(scope="module")
+def r3_stream(deployed_lab: Cluster) -> Iterator[str]:
+    """An R3 stream with data, so the stream report has replicas to judge."""
+    name = "LAB_VERIFY_R3"
+
+    async def create() -> None:
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3)
+        js = nc.jetstream(timeout=5)
+        await js.add_stream(StreamConfig(name=name, subjects=["labverify.>"], storage=StorageType.FILE, num_replicas=3))
+        await js.publish("labverify.x", b"1")
+        await nc.close()
+
+    async def remove() -> None:
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3)
+        await nc.jetstream(timeout=5).delete_stream(name)
+        await nc.close()
+
+    asyncio.run(create())
+    yield name
+    wait_healthy(deployed_lab)
+    asyncio.run(remove())
+
+
 @pytest.mark.parametrize("fault", ["stop", "kill", "isolate", "stale-storage"])
-def test_fault_is_named_within_30_seconds_and_heals(deployed_lab: Cluster, tmp_path: Path, fault: str) -> None:
+def test_fault_is_named_within_30_seconds_and_heals(
+    deployed_lab: Cluster, r3_stream: str, tmp_path: Path, fault: str
+) -> None:
     wait_healthy(deployed_lab)
     injected = nats_lab("fault", fault, TARGET)
     assert injected.returncode == 0, injected.stdout + injected.stderr

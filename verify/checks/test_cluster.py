@@ -104,9 +104,10 @@ def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) 
             await nc.close()
 
     info = asyncio.run(asyncio.wait_for(usage(), min(5.0, max(1.0, verify_state.remaining()))))
-    assert info.streams >= 0 and info.limits is not None
-    print(
-        f"account: memory {info.memory} B, storage {info.storage} B, streams {info.streams}, consumers {info.consumers}"
+    assert info.limits is not None
+    verify_state.report.append(
+        f"account JetStream: memory {info.memory} B, storage {info.storage} B, "
+        f"streams {info.streams}, consumers {info.consumers}"
     )
 
 
@@ -114,17 +115,24 @@ def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) 
 def test_streams_have_leaders_and_current_replicas(nats_cluster: Cluster, verify_state: RunState) -> None:
     """`nats stream report`: every stream's leader and replicas, lagging or offline ones named."""
     problems = []
-    for account in _stream_details(verify_state, nats_cluster):
-        for stream in account.get("stream_detail") or []:
-            name = stream["name"]
-            cluster = stream.get("cluster") or {}
-            if stream.get("config", {}).get("num_replicas", 1) > 1 and not cluster.get("leader"):
-                problems.append(f"{name}: no leader")
-            for replica in cluster.get("replicas") or []:
-                if replica.get("offline") or not replica.get("current"):
-                    problems.append(
-                        f"{name}: replica {replica['name']} {'offline' if replica.get('offline') else 'lagging'}"
-                    )
+    for stream in sorted(_stream_details(verify_state, nats_cluster), key=lambda s: str(s["name"])):
+        name = stream["name"]
+        cluster = stream.get("cluster") or {}
+        replicas = stream.get("config", {}).get("num_replicas", 1)
+        behind = [
+            f"{r['name']} {'offline' if r.get('offline') else 'lagging'}"
+            for r in cluster.get("replicas") or []
+            if r.get("offline") or not r.get("current")
+        ]
+        state = stream.get("state") or {}
+        verify_state.report.append(
+            f"stream {name}: replicas {replicas}, leader {cluster.get('leader') or 'none'}, "
+            f"behind: {', '.join(behind) or 'none'}, messages {state.get('messages', 0)}, "
+            f"consumers {state.get('consumer_count', 0)}"
+        )
+        if replicas > 1 and not cluster.get("leader"):
+            problems.append(f"{name}: no leader")
+        problems.extend(f"{name}: replica {b}" for b in behind)
     assert not problems, "; ".join(problems)
 
 
