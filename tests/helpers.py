@@ -6,10 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from verify import monitor
+from verify.inventory import Cluster
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -64,3 +68,20 @@ def inventory_vars(inventory: Path) -> dict[str, Any]:
 
 def role_defaults(role: str) -> dict[str, Any]:
     return dict(yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text()))
+
+
+def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
+    """Waits until every node answers full /healthz with 200; fails naming the others."""
+    deadline = time.monotonic() + seconds
+    while True:
+        states: dict[str, int | str] = {}
+        for node in cluster.nodes:
+            try:
+                states[node.host] = monitor.healthz(node.monitor_url, timeout=1).status
+            except monitor.MonitorUnreachable as error:
+                states[node.host] = str(error)
+        if all(state == 200 for state in states.values()):
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"cluster not healthy after {seconds} s: {states}")
+        time.sleep(1)

@@ -81,6 +81,27 @@ async def last_sequence(js: JetStreamContext, stream: str, subject_filter: str) 
     return int(msg.seq or 0)
 
 
+def _expectation(expected_last_sequence: int | None, expectation_subject: str | None) -> dict[str, str]:
+    if expected_last_sequence is None:
+        return {}
+    headers = {EXPECTED_LAST_SUBJECT_SEQUENCE: str(expected_last_sequence)}
+    if expectation_subject:
+        headers[EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = expectation_subject
+    return headers
+
+
+async def _publish_expecting(
+    js: JetStreamContext, subject: str, event: Event, headers: dict[str, str], *, expected: int | None, timeout: float
+) -> PubAck:
+    """js.publish that turns the server's concurrency refusal into ConcurrencyConflict."""
+    try:
+        return await js.publish(subject, event.payload(), timeout=timeout, headers=headers)
+    except nats.js.errors.APIError as error:
+        if _is_conflict(error):
+            raise ConcurrencyConflict(subject, expected or 0, str(error.description)) from error
+        raise
+
+
 async def append(
     js: JetStreamContext,
     subject: str,
@@ -92,17 +113,10 @@ async def append(
 ) -> PubAck:
     """Appends one event. `expected_last_sequence` 0 means the aggregate must be new; None skips
     the check. The event id is the message id, so a retry never stores a duplicate."""
-    headers = {MSG_ID: event.event_id} | (event.headers or {})
-    if expected_last_sequence is not None:
-        headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_sequence)
-        if expectation_subject:
-            headers[EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = expectation_subject
-    try:
-        return await js.publish(subject, event.payload(), timeout=timeout, headers=headers)
-    except nats.js.errors.APIError as error:
-        if _is_conflict(error):
-            raise ConcurrencyConflict(subject, expected_last_sequence or 0, str(error.description)) from error
-        raise
+    headers = (
+        {MSG_ID: event.event_id} | (event.headers or {}) | _expectation(expected_last_sequence, expectation_subject)
+    )
+    return await _publish_expecting(js, subject, event, headers, expected=expected_last_sequence, timeout=timeout)
 
 
 async def append_batch(
@@ -124,18 +138,13 @@ async def append_batch(
     last = len(subjects_and_events)
     for index, (subject, event) in enumerate(subjects_and_events, start=1):
         headers = {MSG_ID: event.event_id, BATCH_ID: batch_id, BATCH_SEQUENCE: str(index)} | (event.headers or {})
-        if index == 1 and expected_last_sequence is not None:
-            headers[EXPECTED_LAST_SUBJECT_SEQUENCE] = str(expected_last_sequence)
-            if expectation_subject:
-                headers[EXPECTED_LAST_SUBJECT_SEQUENCE_SUBJECT] = expectation_subject
+        if index == 1:
+            headers |= _expectation(expected_last_sequence, expectation_subject)
         if index == last:
             headers[BATCH_COMMIT] = "1"
-            try:
-                return await js.publish(subject, event.payload(), timeout=timeout, headers=headers)
-            except nats.js.errors.APIError as error:
-                if _is_conflict(error):
-                    raise ConcurrencyConflict(subject, expected_last_sequence or 0, str(error.description)) from error
-                raise
+            return await _publish_expecting(
+                js, subject, event, headers, expected=expected_last_sequence, timeout=timeout
+            )
         if index == 1:
             # The server answers the first member (empty reply) once the batch is open.
             await nc.request(subject, event.payload(), timeout=timeout, headers=headers)

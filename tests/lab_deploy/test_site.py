@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.conftest import nats_lab
-from tests.helpers import LAB_INVENTORY, REPO, run_playbook
+from tests.helpers import LAB_INVENTORY, REPO, run_playbook, wait_healthy
 from verify import monitor
 from verify.inventory import Cluster, Node
 from verify.load import BackgroundPublisher
@@ -37,21 +37,6 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 def service_identity(host: str) -> str:
     """Changes whenever nats-server is (re)started: its PID and start time."""
     return on(host, "systemctl show nats-server -p MainPID -p ActiveEnterTimestampMonotonic --value").strip()
-
-
-def wait_all_healthy(cluster: Cluster, seconds: float = 60) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        status: dict[str, int | str] = {}
-        for node in cluster.nodes:
-            try:
-                status[node.host] = monitor.healthz(node.monitor_url).status
-            except monitor.MonitorUnreachable as error:
-                status[node.host] = str(error)
-        if all(s == 200 for s in status.values()):
-            return
-        assert time.monotonic() < deadline, f"cluster not healthy after {seconds}s: {status}"
-        time.sleep(1)
 
 
 def test_every_node_is_healthy_and_routed_to_both_peers(deployed_lab: Cluster) -> None:
@@ -182,7 +167,7 @@ def test_config_that_fails_the_checker_changes_nothing(deployed_lab: Cluster) ->
         for n in deployed_lab.nodes
     }
     assert after == before
-    wait_all_healthy(deployed_lab, 10)
+    wait_healthy(deployed_lab, 10)
 
 
 def release_source(cluster: Cluster, source: str, tree: str = "") -> list[str]:
@@ -263,5 +248,5 @@ def test_server_refuses_to_start_without_its_storage_mount(deployed_lab: Cluster
     finally:
         on(node.host, f"sed -i 's#{source}-gone#{source}#' /etc/fstab && systemctl daemon-reload")
         on(node.host, "systemctl reset-failed nats-server; systemctl start nats-server")
-    wait_all_healthy(deployed_lab, 60)
+    wait_healthy(deployed_lab, 60)
     assert on(node.host, f"findmnt -n -o TARGET {mount_path}").strip() == mount_path

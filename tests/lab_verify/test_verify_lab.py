@@ -16,7 +16,7 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from tests.conftest import nats_lab
-from tests.helpers import BIN, LAB_INVENTORY, REPO
+from tests.helpers import BIN, LAB_INVENTORY, REPO, wait_healthy
 from verify import monitor
 from verify.inventory import Cluster
 
@@ -60,21 +60,6 @@ def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float,
 
 def failed_checks(report: dict[str, Any]) -> dict[str, str]:
     return {c["nodeid"].split("::")[-1]: c["symptom"] for c in report.get("checks", []) if c["outcome"] == "failed"}
-
-
-def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        states: dict[str, int | str] = {}
-        for node in cluster.nodes:
-            try:
-                states[node.host] = monitor.healthz(node.monitor_url, timeout=1).status
-            except monitor.MonitorUnreachable as error:
-                states[node.host] = str(error)
-        if all(s == 200 for s in states.values()):
-            return
-        assert time.monotonic() < deadline, f"not healthy after {seconds} s: {states}"
-        time.sleep(1)
 
 
 def test_verify_passes_on_the_healthy_cluster(deployed_lab: Cluster, tmp_path: Path) -> None:
