@@ -70,9 +70,12 @@ def role_defaults(role: str) -> dict[str, Any]:
     return dict(yaml.safe_load((REPO / "roles" / role / "defaults" / "main.yml").read_text()))
 
 
-def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
-    """Waits until every node answers full /healthz with 200; fails naming the others."""
+def wait_healthy(cluster: Cluster, seconds: float = 90, stable_for: float = 3) -> None:
+    """Waits until every node has answered full /healthz with 200 for `stable_for` seconds in a
+    row (a healed partition can cost the cluster its meta leader a few seconds later); fails
+    naming the others."""
     deadline = time.monotonic() + seconds
+    healthy_since: float | None = None
     while True:
         states: dict[str, int | str] = {}
         for node in cluster.nodes:
@@ -81,7 +84,11 @@ def wait_healthy(cluster: Cluster, seconds: float = 90) -> None:
             except monitor.MonitorUnreachable as error:
                 states[node.host] = str(error)
         if all(state == 200 for state in states.values()):
-            return
+            healthy_since = healthy_since or time.monotonic()
+            if time.monotonic() - healthy_since >= stable_for:
+                return
+        else:
+            healthy_since = None
         if time.monotonic() > deadline:
             raise AssertionError(f"cluster not healthy after {seconds} s: {states}")
-        time.sleep(1)
+        time.sleep(0.5)

@@ -28,7 +28,7 @@ def local_jetstream(workdir: Path, domain: str = "dgx-phx") -> Iterator[str]:
     config.write_text(
         f'listen: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
         f'jetstream {{ store_dir: "{workdir}/store", domain: "{domain}", '
-        "max_memory_store: 64MB, max_file_store: 1GB }\n"
+        "max_memory_store: 64MB, max_file_store: 10GB }\n"
     )
     process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stderr=subprocess.DEVNULL)
     try:

@@ -133,7 +133,7 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
         host = manager.get_host(name)
         host_vars = dict(defaults) | dict(variables.get_vars(host=host)) | {"inventory_hostname": name}
         templar = Templar(loader=loader, variables=host_vars)
-        wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "jetstream_storage_", "lab_"))}
+        wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "jetstream_", "lab_"))}
         settings = {k: templar.template(v) for k, v in wanted.items()}
         address = str(templar.template(host_vars.get("ansible_host", name)))
         connection = {k: templar.template(v) for k, v in host_vars.items() if k in CONNECTION_VARIABLES}

@@ -31,6 +31,7 @@ RUNBOOKS = {
     "config": "re-run playbooks/site.yml (it validates and rolls the config)",
     "cluster": "JetStream unavailable / quorum: check the failing nodes first (docs/storage.md, playbooks/health.yml)",
     "consumers": "stale consumers piling up: find their owners; delete consumers with nothing pending",
+    "streams": "a declared stream differs: run playbooks/streams.yml (--check --diff shows the change)",
     "eventstore": "event-store operations fail: fix the cluster checks above first",
 }
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import nats
 import pytest
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
 from verify.plugin import RunState, client_urls, monitor_json
+from verify.streams import stream_spec
 
 pytestmark = pytest.mark.cluster
 
@@ -166,3 +168,37 @@ def _stream_details(state: RunState, cluster: Cluster) -> list[dict[str, Any]]:
     if not by_name and all(f"monitor:{n.host}" in state.unreachable for n in cluster.nodes):
         pytest.fail("no node's monitor port answers", pytrace=False)
     return list(by_name.values())
+
+
+@pytest.mark.runbook("streams")
+def test_declared_streams_match_and_span_three_nodes(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """Each stream in jetstream_streams exists as declared, its replicas on distinct nodes, all current."""
+    declared = nats_cluster.nodes[0].settings.get("jetstream_streams") or []
+    spec = stream_spec()
+
+    async def inspect() -> list[str]:
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state)
+        problems = []
+        try:
+            js = nc.jetstream(timeout=2)
+            for stream in declared:
+                desired = spec.desired_config(stream)
+                try:
+                    info = await js.stream_info(desired["name"])
+                except nats.js.errors.NotFoundError:
+                    problems.append(f"{desired['name']}: missing")
+                    continue
+                diff = spec.changes(info.config.as_dict(), desired)
+                problems += [f"{desired['name']}: {k} is {now}, declared {want}" for k, (now, want) in diff.items()]
+                placed = [info.cluster.leader] + [r.name for r in info.cluster.replicas or []] if info.cluster else []
+                if len(set(placed)) != desired["num_replicas"] or None in placed:
+                    problems.append(f"{desired['name']}: replicas on {placed}, declared {desired['num_replicas']}")
+                behind = [r.name for r in (info.cluster.replicas if info.cluster else None) or [] if not r.current]
+                if behind:
+                    problems.append(f"{desired['name']}: replicas not current on {behind}")
+        finally:
+            await nc.close()
+        return problems
+
+    problems = asyncio.run(asyncio.wait_for(inspect(), min(5.0, max(1.0, verify_state.remaining()))))
+    assert not problems, "; ".join(problems)

@@ -94,6 +94,15 @@ def probe(nats_cluster: Cluster, verify_state: RunState) -> Iterator[Probe]:
                 max_age=600.0,
             )
         )
+        # A new R3 stream elects its leader after the create returns: wait for a leader with a
+        # quorum of current replicas so the checks do not race the election.
+        while True:
+            info = await js.stream_info(probe.stream)
+            if info.cluster and info.cluster.leader:
+                current = 1 + sum(bool(r.current) for r in info.cluster.replicas or [])
+                if current > probe.replicas // 2:
+                    return
+            await asyncio.sleep(0.1)
 
     probe.run(create, 8)
     yield probe
