@@ -19,6 +19,21 @@ def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
     )
 
 
+LAB_WAS_UP = pytest.StashKey[bool]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Whether the lab was up before this run: a run that brought it up takes it down again."""
+    session.config.stash[LAB_WAS_UP] = nats_lab("status").returncode == 0
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Whatever state the run left the lab in (even half up after a failure): gone, unless it was
+    # there before. `down` is idempotent.
+    if not session.config.stash.get(LAB_WAS_UP, True):
+        nats_lab("down")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """The lab tool's own tests first: they end by taking the lab down and up again (fresh hosts),
     so the deploy and verify tests after them start from a fresh lab."""
@@ -27,8 +42,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def lab_cluster() -> Iterator[Cluster]:
-    """The lab, up. Brought down again at the end if this session started it."""
-    was_up = nats_lab("status").returncode == 0
+    """The lab, up (pytest_sessionfinish takes it down again if the run started it)."""
     started = nats_lab("up")
     if started.returncode != 0:
         message = f"nats-lab up failed:\n{started.stdout}\n{started.stderr}"
@@ -36,8 +50,6 @@ def lab_cluster() -> Iterator[Cluster]:
             pytest.fail(message)
         pytest.skip(message)
     yield load_cluster(LAB_INVENTORY)
-    if not was_up:
-        nats_lab("down")
 
 
 @pytest.fixture(scope="session")

@@ -172,8 +172,8 @@ def _stream_details(state: RunState, cluster: Cluster) -> list[dict[str, Any]]:
 
 @pytest.mark.runbook("streams")
 def test_declared_streams_match_and_span_three_nodes(nats_cluster: Cluster, verify_state: RunState) -> None:
-    """Each stream in jetstream_streams exists as declared, its replicas on distinct nodes, all current."""
-    declared = nats_cluster.nodes[0].settings.get("jetstream_streams") or []
+    """Each stream in jetstream_streams_declared exists as declared, its replicas on distinct nodes, all current."""
+    declared = nats_cluster.nodes[0].settings.get("jetstream_streams_declared") or []
     spec = stream_spec()
 
     async def inspect() -> list[str]:

@@ -1,0 +1,104 @@
+"""Streams as code on the lab: INFRASTRUCTURE_EVENTS created at R3 by site.yml, a raised limit
+applied in place with data kept, a destructive change refused, re-runs changing nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from typing import Any
+
+import nats
+import pytest
+
+from tests.helpers import LAB_INVENTORY, run_playbook
+from verify.inventory import Cluster
+from verify.streams import stream_spec
+
+pytestmark = pytest.mark.lab
+STREAM = "INFRASTRUCTURE_EVENTS"
+
+
+def declared(cluster: Cluster) -> dict[str, Any]:
+    (stream,) = [s for s in cluster.nodes[0]["jetstream_streams_declared"] if s["name"] == STREAM]
+    return dict(stream)
+
+
+def info(cluster: Cluster) -> Any:
+    async def read() -> Any:
+        nc = await nats.connect(cluster.client_urls, connect_timeout=3)
+        try:
+            return await nc.jetstream(timeout=5).stream_info(STREAM)
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def publish_events(cluster: Cluster, count: int) -> None:
+    async def send() -> None:
+        nc = await nats.connect(cluster.client_urls, connect_timeout=3)
+        js = nc.jetstream(timeout=5)
+        aggregate = uuid.uuid4()
+        for n in range(count):
+            await js.publish(f"infrastructure.labtest.{aggregate}.ticked", json.dumps({"n": n}).encode())
+        await nc.close()
+
+    asyncio.run(send())
+
+
+def streams_playbook(*args: str) -> tuple[int, str]:
+    result = run_playbook("streams.yml", LAB_INVENTORY, *args)
+    return result.returncode, result.stdout + result.stderr
+
+
+def with_streams(streams: list[dict[str, Any]]) -> list[str]:
+    return ["-e", json.dumps({"jetstream_streams_declared": streams})]
+
+
+def test_declared_stream_exists_at_three_replicas_on_distinct_nodes(deployed_lab: Cluster) -> None:
+    current = info(deployed_lab)
+    spec = stream_spec()
+    assert spec.changes(current.config.as_dict(), spec.desired_config(declared(deployed_lab))) == {}
+    placed = [current.cluster.leader] + [r.name for r in current.cluster.replicas]
+    assert sorted(placed) == ["nats-1", "nats-2", "nats-3"]
+    assert all(r.current for r in current.cluster.replicas)
+
+
+def test_raised_limit_is_applied_in_place_with_data_kept(deployed_lab: Cluster) -> None:
+    publish_events(deployed_lab, 20)
+    before = info(deployed_lab)
+    raised = declared(deployed_lab) | {"max_bytes": "12GB"}
+    code, output = streams_playbook(*with_streams([raised]), "--check", "--diff")
+    assert code == 0 and "changed: [nats-1 -> localhost]" in output, output[-3000:]
+    assert info(deployed_lab).config.max_bytes == before.config.max_bytes, "check mode changed the stream"
+    code, output = streams_playbook(*with_streams([raised]))
+    assert code == 0 and "changed: [nats-1 -> localhost]" in output, output[-3000:]
+    after = info(deployed_lab)
+    assert after.config.max_bytes == 12 << 30
+    assert after.state.messages == before.state.messages and after.state.first_seq == before.state.first_seq
+    code, output = streams_playbook(*with_streams([raised]))
+    assert code == 0 and "changed=0" in output and "changed: [" not in output, output[-3000:]
+
+
+def test_destructive_change_is_refused_with_its_reason(deployed_lab: Cluster) -> None:
+    before = info(deployed_lab)
+    fewer = declared(deployed_lab) | {"max_bytes": "12GB", "replicas": 1}
+    code, output = streams_playbook(*with_streams([fewer]))
+    assert code != 0
+    assert f"stream {STREAM}: replicas 3 -> 1 (fewer copies)" in output, output[-3000:]
+    assert "allow_destructive=true" in output
+    after = info(deployed_lab)
+    assert after.config.num_replicas == 3 and after.state.messages == before.state.messages
+
+
+def test_lowering_back_needs_the_explicit_allowance_then_site_reruns_clean(deployed_lab: Cluster) -> None:
+    code, output = streams_playbook()
+    assert code != 0 and "max_bytes lowered" in output, output[-3000:]
+    code, output = streams_playbook("-e", "jetstream_streams_allow_destructive=true")
+    assert code == 0, output[-3000:]
+    assert info(deployed_lab).config.max_bytes == 10 << 30
+    result = run_playbook("site.yml", LAB_INVENTORY)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert all(int(n) == 0 for n in re.findall(r"changed=(\d+)", result.stdout)), result.stdout[-2000:]
