@@ -20,17 +20,18 @@ def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[st
 
 
 LAB_WAS_UP = pytest.StashKey[bool]()
+LAB_USED = pytest.StashKey[bool]()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
-    """Whether the lab was up before this run: a run that brought it up takes it down again."""
+    """Whether the lab was up before this run: a run that brings it up takes it down again."""
     session.config.stash[LAB_WAS_UP] = nats_lab("status").returncode == 0
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    # Whatever state the run left the lab in (even half up after a failure): gone, unless it was
-    # there before. `down` is idempotent.
-    if not session.config.stash.get(LAB_WAS_UP, True):
+    # Only a run whose lab tests used the lab: then whatever state it is in (even half up after
+    # a failure) goes, unless it was up before. `down` is idempotent.
+    if session.config.stash.get(LAB_USED, False) and not session.config.stash.get(LAB_WAS_UP, True):
         nats_lab("down")
 
 
@@ -41,8 +42,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def lab_cluster() -> Iterator[Cluster]:
+def lab_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The lab, up (pytest_sessionfinish takes it down again if the run started it)."""
+    request.config.stash[LAB_USED] = True
     started = nats_lab("up")
     if started.returncode != 0:
         message = f"nats-lab up failed:\n{started.stdout}\n{started.stderr}"

@@ -76,7 +76,11 @@ def wait_healthy(cluster: Cluster, seconds: float = 90, stable_for: float = 3) -
     naming the others."""
     deadline = time.monotonic() + seconds
     healthy_since: float | None = None
+    bridge = cluster.nodes[0].settings.get("lab_bridge_name")
     while True:
+        # Without the lab's bridge its addresses route out of the machine: stop before sending.
+        if bridge and not Path(f"/sys/class/net/{bridge}").exists():
+            raise AssertionError(f"the lab is down (bridge {bridge} absent)")
         states: dict[str, int | str] = {}
         for node in cluster.nodes:
             try:

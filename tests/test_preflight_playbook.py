@@ -72,6 +72,8 @@ def make_inventory(tmp_path: Path, change: dict[str, Any]) -> Path:
     shutil.copytree(LAB_INVENTORY, inventory, symlinks=False)
     hosts_file = inventory / "hosts.yml"
     hosts = yaml.safe_load(hosts_file.read_text())
+    # No lab-is-up guard: these runs must not depend on the lab (and never reach a host).
+    hosts["all"]["vars"].pop("lab_bridge_name")
     members = hosts["all"]["children"]["nats_cluster"]["hosts"]
     for _ in range(change.get("drop_hosts", 0)):
         members.pop(sorted(members)[-1])

@@ -23,6 +23,8 @@ def main(argv: list[str] | None = None) -> int:
         known.inventory,
         "-p",
         "no:cacheprovider",
+        # The checks need no conftest; a checkout's own test conftest must not run here.
+        "--noconftest",
         "-q",
         "--tb=no",
         "-o",

@@ -88,7 +88,12 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     state = RunState(deadline=config.getoption("--verify-deadline"))
     config.stash[STATE_KEY] = state
-    config.stash[CLUSTER_KEY] = load_cluster(config.getoption("--inventory"))
+    cluster = load_cluster(config.getoption("--inventory"))
+    config.stash[CLUSTER_KEY] = cluster
+    bridge = cluster.nodes[0].settings.get("lab_bridge_name")
+    if bridge and not Path(f"/sys/class/net/{bridge}").exists():
+        # Without the bridge, lab addresses would be routed out of the machine: send nothing.
+        raise pytest.UsageError(f"the lab is down (bridge {bridge} absent): run `nats-lab up` first")
     # Whatever happens (a hung syscall, a stuck thread), the run ends a little after its deadline.
     watchdog = threading.Timer(state.deadline + 5, _deadline_exceeded, args=(state.deadline,))
     watchdog.daemon = True

@@ -60,7 +60,10 @@ def tcp_open(address: str, port: int, timeout: float = 1.0) -> bool:
 
 
 @pytest.fixture(scope="module")
-def lab() -> Iterator[Lab]:
+def lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    from tests.conftest import LAB_USED  # noqa: PLC0415 (the shared session bookkeeping)
+
+    request.config.stash[LAB_USED] = True
     ok(nats_lab("up"))
     yield load_lab(find_repo())
     ok(nats_lab("heal"))
