@@ -1,0 +1,74 @@
+"""collect-diagnostics.yml on the lab: one archive with every node's endpoints, journal, mounts
+and disks; nothing on the hosts changes; a stopped node is recorded, not fatal."""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import nats_lab
+from tests.helpers import LAB_INVENTORY, run_playbook, wait_healthy
+from verify.inventory import Cluster
+
+pytestmark = pytest.mark.lab
+FILES = {
+    "varz.json",
+    "jsz.json",
+    "healthz.json",
+    "routez.json",
+    "raftz.json",
+    "journal.txt",
+    "unit.txt",
+    "mounts.txt",
+    "disks.txt",
+}
+
+
+def collect(tmp_path: Path) -> tuple[dict[str, str], str]:
+    result = run_playbook("collect-diagnostics.yml", LAB_INVENTORY, "-e", f"diagnostics_root={tmp_path}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    archive = Path(re.findall(r"Diagnostics archive: (\S+\.tar\.gz)", result.stdout)[0])
+    assert archive.parent == tmp_path and archive.exists()
+    with tarfile.open(archive) as tar:
+        files = {
+            "/".join(Path(m.name).parts[1:]): tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+            for m in tar.getmembers()
+            if m.isfile()
+        }
+    return files, result.stdout
+
+
+def identities(cluster: Cluster) -> dict[str, str]:
+    return {
+        n.host: nats_lab(
+            "ssh", n.host, "--", "systemctl show nats-server -p MainPID --value; md5sum /etc/nats-server/*"
+        ).stdout
+        for n in cluster.nodes
+    }
+
+
+def test_collects_every_node_into_one_archive_and_changes_nothing(deployed_lab: Cluster, tmp_path: Path) -> None:
+    before = identities(deployed_lab)
+    files, _ = collect(tmp_path)
+    for node in deployed_lab.nodes:
+        assert {f"{node.host}/{name}" for name in FILES} <= set(files), sorted(files)
+        assert json.loads(files[f"{node.host}/varz.json"])["server_name"] == node.server_name
+        assert "nats-server" in files[f"{node.host}/journal.txt"]
+        assert node["jetstream_storage_mount_path"] in files[f"{node.host}/mounts.txt"]
+    assert identities(deployed_lab) == before
+
+
+def test_a_stopped_node_is_recorded_not_fatal(deployed_lab: Cluster, tmp_path: Path) -> None:
+    assert nats_lab("fault", "stop", "nats-3").returncode == 0
+    try:
+        files, _ = collect(tmp_path)
+    finally:
+        nats_lab("heal", "nats-3")
+    assert files["nats-3/varz.json"].startswith("no answer"), files["nats-3/varz.json"][:200]
+    assert "Stopped" in files["nats-3/journal.txt"] or "Stopping" in files["nats-3/journal.txt"]
+    assert json.loads(files["nats-1/healthz.json"])
+    wait_healthy(deployed_lab)
