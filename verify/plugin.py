@@ -174,16 +174,24 @@ def client_urls(state: RunState, cluster: Cluster) -> list[str]:
     return alive or cluster.client_urls
 
 
-def monitor_json(state: RunState, node: Node, path: str) -> Any:
-    """A monitor endpoint of the node; a node whose monitor did not answer once fails at once."""
+def monitor_reply(state: RunState, node: Node, path: str) -> monitor.Reply:
+    """A monitor endpoint of the node, any HTTP status; a node whose monitor did not answer once
+    fails at once."""
     key = f"monitor:{node.host}"
     if key in state.unreachable:
         pytest.fail(f"{node.host}: {state.unreachable[key]}", pytrace=False)
     try:
-        return monitor.get_json(node.monitor_url, path, timeout=min(3.0, max(0.5, state.remaining())))
+        return monitor.get(node.monitor_url, path, timeout=min(3.0, max(0.5, state.remaining())))
     except monitor.MonitorUnreachable as error:
         state.unreachable[key] = f"monitor port not answering ({error})"
         pytest.fail(f"{node.host}: {state.unreachable[key]}", pytrace=False)
+
+
+def monitor_json(state: RunState, node: Node, path: str) -> Any:
+    reply = monitor_reply(state, node, path)
+    if reply.status != 200:
+        pytest.fail(f"{node.host}: {path} answered HTTP {reply.status}: {reply.body[:200]}", pytrace=False)
+    return reply.json
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:

@@ -1,5 +1,6 @@
-"""Declared streams as the deploy reads them: the same parsing code the jetstream_streams module
-uses (plugins/module_utils/jetstream_stream_spec.py), loaded from the checkout."""
+"""Declared streams and NATS sizes/durations as the deploy reads them: the same parsing code the
+jetstream_streams module uses (plugins/module_utils/jetstream_stream_spec.py), loaded from the
+checkout."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import pytest
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, client_urls, monitor_json
+from verify.plugin import RunState, client_urls, monitor_json, monitor_reply
 from verify.streams import stream_spec
 
 pytestmark = pytest.mark.cluster
@@ -31,16 +31,7 @@ def _answers(state: RunState, cluster: Cluster, path: str) -> dict[str, Any]:
 
 @pytest.mark.runbook("cluster")
 def test_full_healthz(nats_node: Node, verify_state: RunState) -> None:
-    from verify import monitor  # noqa: PLC0415
-
-    key = f"monitor:{nats_node.host}"
-    if key in verify_state.unreachable:
-        pytest.fail(f"{nats_node.host}: {verify_state.unreachable[key]}", pytrace=False)
-    try:
-        reply = monitor.healthz(nats_node.monitor_url, timeout=min(3.0, max(0.5, verify_state.remaining())))
-    except monitor.MonitorUnreachable as error:
-        verify_state.unreachable[key] = f"monitor port not answering ({error})"
-        pytest.fail(f"{nats_node.host}: {verify_state.unreachable[key]}", pytrace=False)
+    reply = monitor_reply(verify_state, nats_node, "/healthz")
     if reply.status != 200:
         try:
             detail = "; ".join(e.get("error", str(e)) for e in reply.json.get("errors", [])) or reply.json.get("error")
