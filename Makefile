@@ -58,7 +58,7 @@ lint: setup
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q
 	for inv in inventory/phx inventory/lab; do \
-	  for pb in playbooks/*.yml; do $(BIN)/ansible-playbook -i $$inv --syntax-check $$pb >/dev/null; done; \
+	  for pb in playbooks/*.yml playbooks/remediate/*.yml; do $(BIN)/ansible-playbook -i $$inv --syntax-check $$pb >/dev/null; done; \
 	  $(BIN)/ansible-inventory -i $$inv --list >/dev/null; \
 	done
 	$(BIN)/ruff check .

@@ -198,7 +198,14 @@ def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
             mine.pop("stale-storage", None)
             done.append(f"{host.name}: booted again ({result.state}, {result.seconds:.1f}s)")
         elif kind == "stale-storage":
-            proc = run_python(lab, host, _remount_code(list(mine[kind]["mounts"])))
+            mounts = list(mine[kind]["mounts"])
+            # Someone (the remount runbook) already replaced the stale mounts: only forget the fault.
+            if run_root(lab, host, " && ".join(f"timeout 5 stat '{mp}' >/dev/null" for mp in mounts)).returncode == 0:
+                del mine[kind]
+                done.append(f"{host.name}: storage already fresh")
+                save(lab, faults)
+                continue
+            proc = run_python(lab, host, _remount_code(mounts))
             if proc.returncode != 0:
                 raise LabError(f"{host.name}: remount failed: {(proc.stderr or proc.stdout).strip()}")
             del mine[kind]

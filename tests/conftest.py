@@ -4,20 +4,12 @@ that cannot start fails the run instead of skipping it."""
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 
 import pytest
 
-from tests.helpers import BIN, LAB_INVENTORY, REPO, run_playbook
+from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook
 from verify.inventory import Cluster, load_cluster
-
-
-def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(BIN / "nats-lab"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
-    )
-
 
 LAB_WAS_UP = pytest.StashKey[bool]()
 LAB_USED = pytest.StashKey[bool]()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -14,6 +15,7 @@ import yaml
 
 from verify import monitor
 from verify.inventory import Cluster
+from verify.load import BackgroundPublisher
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -96,3 +98,56 @@ def wait_healthy(cluster: Cluster, seconds: float = 90, stable_for: float = 3) -
         if time.monotonic() > deadline:
             raise AssertionError(f"cluster not healthy after {seconds} s: {states}")
         time.sleep(0.5)
+
+
+def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float, str]:
+    report = tmp_path / f"verify-{time.monotonic_ns()}.json"
+    start = time.monotonic()
+    result = subprocess.run(
+        [str(BIN / "nats-verify"), "-i", str(LAB_INVENTORY), "--verify-json", str(report), *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    elapsed = time.monotonic() - start
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return result.returncode, data, elapsed, result.stdout + result.stderr
+
+
+def failed_checks(report: dict[str, Any]) -> dict[str, str]:
+    return {c["nodeid"].split("::")[-1]: c["symptom"] for c in report.get("checks", []) if c["outcome"] == "failed"}
+
+
+def nats_lab(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(BIN / "nats-lab"), *args], cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def on(host: str, command: str, timeout: float = 60) -> str:
+    result = nats_lab("ssh", host, "--", command, timeout=timeout)
+    assert result.returncode == 0, f"{host}: {command}\n{result.stdout}\n{result.stderr}"
+    return result.stdout
+
+
+def recap(output: str) -> dict[str, dict[str, int]]:
+    """PLAY RECAP counters per host from ansible-playbook's default output."""
+    counts = {}
+    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
+        counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
+    return counts
+
+
+def service_identity(host: str) -> str:
+    """Changes whenever nats-server is (re)started: its PID and start time."""
+    return on(host, "systemctl show nats-server -p MainPID -p ActiveEnterTimestampMonotonic --value").strip()
+
+
+def assert_nothing_lost(publisher: BackgroundPublisher) -> None:
+    missing, duplicated = publisher.audit()
+    tally = publisher.tally
+    assert tally.failed == [], f"publishes failed after retries: {tally.failed[:5]} errors={tally.errors}"
+    assert missing == [] and duplicated == [], (missing[:5], duplicated[:5])
+    assert len(tally.acked) > 50, tally

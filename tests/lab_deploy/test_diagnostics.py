@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import nats_lab
-from tests.helpers import LAB_INVENTORY, run_playbook, wait_healthy
+from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook, wait_healthy
 from verify.inventory import Cluster
 
 pytestmark = pytest.mark.lab

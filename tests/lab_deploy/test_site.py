@@ -6,37 +6,26 @@ The tests run in file order and each leaves the cluster converged and healthy fo
 from __future__ import annotations
 
 import json
-import re
 import time
 
 import pytest
 
-from tests.conftest import nats_lab
-from tests.helpers import LAB_INVENTORY, REPO, run_playbook, wait_healthy
+from tests.helpers import (
+    LAB_INVENTORY,
+    REPO,
+    assert_nothing_lost,
+    nats_lab,
+    on,
+    recap,
+    run_playbook,
+    service_identity,
+    wait_healthy,
+)
 from verify import monitor
 from verify.inventory import Cluster, Node
 from verify.load import BackgroundPublisher
 
 pytestmark = pytest.mark.lab
-
-
-def on(host: str, command: str, timeout: float = 60) -> str:
-    result = nats_lab("ssh", host, "--", command, timeout=timeout)
-    assert result.returncode == 0, f"{host}: {command}\n{result.stdout}\n{result.stderr}"
-    return result.stdout
-
-
-def recap(output: str) -> dict[str, dict[str, int]]:
-    """PLAY RECAP counters per host from ansible-playbook's default output."""
-    counts = {}
-    for host, fields in re.findall(r"^(\S+)\s+:\s+(ok=.*)$", output, re.MULTILINE):
-        counts[host] = {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", fields)}
-    return counts
-
-
-def service_identity(host: str) -> str:
-    """Changes whenever nats-server is (re)started: its PID and start time."""
-    return on(host, "systemctl show nats-server -p MainPID -p ActiveEnterTimestampMonotonic --value").strip()
 
 
 def test_every_node_is_healthy_and_routed_to_both_peers(deployed_lab: Cluster) -> None:
@@ -116,14 +105,6 @@ def apply_under_load(cluster: Cluster, *extra: str) -> tuple[list[dict[str, list
         time.sleep(1)
     assert result.returncode == 0, result.stdout[-4000:]
     return rolling_batches(result.stdout), publisher
-
-
-def assert_nothing_lost(publisher: BackgroundPublisher) -> None:
-    missing, duplicated = publisher.audit()
-    tally = publisher.tally
-    assert tally.failed == [], f"publishes failed after retries: {tally.failed[:5]} errors={tally.errors}"
-    assert missing == [] and duplicated == [], (missing[:5], duplicated[:5])
-    assert len(tally.acked) > 50, tally
 
 
 def test_reloadable_change_rolls_one_node_at_a_time_under_load(deployed_lab: Cluster) -> None:

@@ -4,19 +4,14 @@ checks fail, naming the right node, well inside 30 s; green again after heal."""
 from __future__ import annotations
 
 import asyncio
-import json
-import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from tests.conftest import nats_lab
-from tests.helpers import BIN, LAB_INVENTORY, REPO, wait_healthy
+from tests.helpers import failed_checks, nats_lab, nats_verify, wait_healthy
 from verify import monitor
 from verify.inventory import Cluster
 
@@ -40,26 +35,6 @@ SYMPTOMS = {
     "isolate": "unreachable over SSH",
     "stale-storage": "Stale file handle",
 }
-
-
-def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float, str]:
-    report = tmp_path / f"verify-{time.monotonic_ns()}.json"
-    start = time.monotonic()
-    result = subprocess.run(
-        [str(BIN / "nats-verify"), "-i", str(LAB_INVENTORY), "--verify-json", str(report), *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    elapsed = time.monotonic() - start
-    data = json.loads(report.read_text()) if report.exists() else {}
-    return result.returncode, data, elapsed, result.stdout + result.stderr
-
-
-def failed_checks(report: dict[str, Any]) -> dict[str, str]:
-    return {c["nodeid"].split("::")[-1]: c["symptom"] for c in report.get("checks", []) if c["outcome"] == "failed"}
 
 
 def test_verify_passes_on_the_healthy_cluster(deployed_lab: Cluster, tmp_path: Path) -> None:
