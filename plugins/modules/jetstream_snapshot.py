@@ -1,0 +1,581 @@
+#!/usr/bin/python
+"""Ansible module: save JetStream streams to controller files with the server's native snapshot API,
+and restore them from those files."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: jetstream_snapshot
+short_description: Save and restore JetStream streams with the server's snapshot/restore API
+description:
+  - Uses the API behind C(nats stream backup) and C(nats stream restore)
+    (C($JS.API.STREAM.SNAPSHOT.<stream>) and C($JS.API.STREAM.RESTORE.<stream>)), so sequence
+    numbers, gaps, timestamps, headers and (optionally) consumer state come back exactly.
+  - I(state=saved) writes, for each stream, C(<STREAM>.snapshot) (the bytes exactly as the server
+    sends them, an S2-compressed archive), C(<STREAM>.json) (stream config and state at snapshot
+    time, as the server returned them) and finally C(manifest.json) (streams, byte sizes, sha256 of
+    every file, message counts, first/last sequence, a UTC timestamp and the server version).
+  - I(state=restored) reads the manifest, checks the size and sha256 of every selected file and,
+    with I(existing=fail), that none of the streams exists, before anything is sent; a bad file or
+    an existing stream fails naming it and nothing is restored. After each restore the stream's
+    messages, first and last sequence are compared with the manifest and any difference fails, with
+    one exception, reported as C(aged_out) - fewer messages at the head when the stream's own
+    max_age (or message TTLs) removed them between save and restore; the last sequence must match.
+  - A restore the server rejects part way leaves a partial stream behind; the module deletes that
+    stream (it did not exist before) and fails, so a second run can start clean.
+  - Snapshot archives from nats-server 2.15 use a new format that older servers cannot restore.
+options:
+  servers:
+    description: Client URLs of the cluster (nats://host:port).
+    type: list
+    elements: str
+    required: true
+  state:
+    description: C(saved) writes snapshots to I(path); C(restored) restores them from I(path).
+    type: str
+    choices: [saved, restored]
+    required: true
+  path:
+    description: Directory on the controller holding the snapshot files and C(manifest.json).
+    type: path
+    required: true
+  streams:
+    description:
+      - Streams to save or restore. Empty means every stream in the account (saved) or every stream
+        in the manifest (restored). A name that does not exist there fails before anything is done.
+    type: list
+    elements: str
+    default: []
+  include_consumers:
+    description:
+      - saved, include consumer configs and state in the snapshots. restored, when false, delete
+        the consumers a snapshot brought back, so only the stream data is restored.
+    type: bool
+    default: true
+  existing:
+    description: restored, what to do with a stream that already exists, C(fail) before any restore
+      begins, or C(skip) it.
+    type: str
+    choices: [fail, skip]
+    default: fail
+  force:
+    description: saved, replace a backup already in I(path). Without it a C(manifest.json) in
+      I(path) is refused, so a rerun after a wipe cannot overwrite the good backup.
+    type: bool
+    default: false
+  timeout:
+    description:
+      - Seconds for connecting and for each API call. Transfers have no total limit; they fail when
+        no chunk moves for max(30, 6 x timeout) seconds. The server's final answer to a restore may
+        take up to 600 seconds.
+    type: float
+    default: 5.0
+notes:
+  - Supports check mode, saved writes nothing and restored changes nothing; both report the streams
+    they would act on (restored also checks the files and existing streams).
+requirements:
+  - nats-py on the controller
+author: cim-nats-infra
+"""
+
+EXAMPLES = r"""
+- name: Reset | snapshot every stream while the cluster still answers
+  jetstream_snapshot:
+    servers: "{{ nats_client_urls }}"
+    state: saved
+    path: "/var/backups/nats/{{ reset_id }}"
+  delegate_to: localhost
+  run_once: true
+
+- name: Reset | restore every stream into the wiped cluster
+  jetstream_snapshot:
+    servers: "{{ nats_client_urls }}"
+    state: restored
+    path: "/var/backups/nats/{{ reset_id }}"
+  delegate_to: localhost
+  run_once: true
+"""
+
+RETURN = r"""
+streams:
+  description:
+    - Streams saved or restored (in check mode, that would be). Each has name, messages, bytes,
+      first_seq, last_seq, consumers, snapshot_bytes and sha256 (the last two null for saved in
+      check mode), as saved in the manifest. Restored streams add aged_out, the messages their
+      max_age or TTLs removed since the save.
+  type: list
+  elements: dict
+  returned: always
+skipped_streams:
+  description: restored with existing=skip, the streams that already existed and were left alone.
+  type: list
+  elements: str
+  returned: when state is restored
+path:
+  description: The directory used.
+  type: str
+  returned: always
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from ansible.module_utils.basic import AnsibleModule
+
+try:
+    import nats
+
+    HAS_NATS = True
+except ImportError:  # reported by fail_json below
+    HAS_NATS = False
+
+API = "$JS.API"
+MANIFEST = "manifest.json"
+FORMAT = 1
+STREAM_NOT_FOUND = 10059
+# jsm.go sends restore data in 64-512 KiB requests; 128 KiB matches the server's snapshot chunk.
+RESTORE_CHUNK = 128 * 1024
+# The server answers the final empty restore chunk only when the stream is stored and activated.
+FINAL_WAIT = 600.0
+SUMMARY_KEYS = ("messages", "bytes", "first_seq", "last_seq")
+
+# Protocol, as nats-server 2.15 implements it (server/jetstream_api.go: JSApiStreamSnapshotRequest,
+# streamSnapshot, jsStreamRestoreRequest, processStreamRestore) and jsm.go snapshots.go uses it:
+# - Snapshot: subscribe to a deliver subject first (the server waits only ~2 s for interest), then
+#   request {"deliver_subject", "no_consumers"}; the reply carries config and state. Chunks arrive
+#   with a reply subject $JS.SNAPSHOT.ACK.<stream>.<id>.<size>.<index>; answering it (empty body)
+#   frees a flow-control slot, and the server gives up after 5 s without acks (408 No Flow
+#   Response). The end is an empty message: no header, or status 204, on success; 408 or 500 with
+#   a description on failure. A snapshot smaller than one chunk ends with no header at all.
+# - Restore: request {"config", "state"}; the reply names a deliver subject. Each chunk is a request
+#   answered with an empty body (or a JSON error); the server stalls the restore after 5 s without
+#   a chunk. An empty request ends the upload and is answered with a stream_create_response.
+
+
+class SnapshotError(Exception):
+    """A failure to report; `restored` lists the streams restored before it."""
+
+    def __init__(self, msg: str, restored: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(msg)
+        self.restored = restored or []
+
+
+class ApiError(SnapshotError):
+    def __init__(self, subject: str, error: dict[str, Any]) -> None:
+        self.err_code = int(error.get("err_code") or 0)
+        super().__init__(
+            f"{subject}: {error.get('description', 'error')} (code {error.get('code')}, err_code {self.err_code})"
+        )
+
+
+class NoAnswer(SnapshotError):
+    pass
+
+
+def idle_limit(timeout: float) -> float:
+    return max(30.0, 6 * timeout)
+
+
+async def request(nc: Any, subject: str, body: bytes, timeout: float) -> Any:
+    """nc.request, with a timeout or missing responder reported against the subject."""
+    try:
+        return await nc.request(subject, body, timeout=timeout)
+    except nats.errors.NoRespondersError:
+        raise NoAnswer(f"{subject}: no responders (is JetStream enabled, does the stream have a leader?)") from None
+    except nats.errors.TimeoutError:
+        raise NoAnswer(f"{subject}: no answer within {timeout:.0f} s") from None
+
+
+async def api(nc: Any, subject: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    body = json.dumps(payload).encode() if payload is not None else b""
+    reply = await request(nc, subject, body, timeout)
+    data: dict[str, Any] = json.loads(reply.data)
+    if data.get("error"):
+        raise ApiError(subject, data["error"])
+    return data
+
+
+async def stream_names(nc: Any, timeout: float) -> list[str]:
+    names: list[str] = []
+    while True:
+        page = await api(nc, f"{API}.STREAM.NAMES", {"offset": len(names)}, timeout)
+        batch = page.get("streams") or []
+        names.extend(batch)
+        if not batch or len(names) >= int(page.get("total", 0)):
+            return sorted(names)
+
+
+async def stream_info(nc: Any, name: str, timeout: float) -> dict[str, Any] | None:
+    try:
+        return await api(nc, f"{API}.STREAM.INFO.{name}", None, timeout)
+    except ApiError as error:
+        if error.err_code == STREAM_NOT_FOUND:
+            return None
+        raise
+
+
+def summary(name: str, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    found = {key: int(state.get(key) or 0) for key in SUMMARY_KEYS}
+    return {"name": name, **found, "consumers": int(state.get("consumer_count") or 0), **extra}
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    part = path.with_name(path.name + ".part")
+    with part.open("wb") as out:
+        out.write(data)
+        out.flush()
+        os.fsync(out.fileno())
+    part.replace(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def snapshot_to_file(
+    nc: Any, name: str, target: Path, include_consumers: bool, timeout: float
+) -> tuple[dict[str, Any], int, str]:
+    """Streams one snapshot into `target`; returns the server's config+state, size and sha256."""
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    part = target.with_name(target.name + ".part")
+    try:
+        ask = {"deliver_subject": inbox, "no_consumers": not include_consumers}
+        meta = await api(nc, f"{API}.STREAM.SNAPSHOT.{name}", ask, timeout)
+        digest, size, idle = hashlib.sha256(), 0, idle_limit(timeout)
+        with part.open("wb") as out:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle)
+                except nats.errors.TimeoutError:
+                    raise SnapshotError(
+                        f"{name}: snapshot stalled, no data for {idle:.0f} s after {size} bytes"
+                    ) from None
+                if not msg.data:
+                    headers = msg.headers or {}
+                    status = headers.get("Status")
+                    if status not in (None, "204"):
+                        why = headers.get("Description", "")
+                        raise SnapshotError(f"{name}: the server ended the snapshot with {status} {why}".rstrip())
+                    break
+                out.write(msg.data)
+                digest.update(msg.data)
+                size += len(msg.data)
+                if msg.reply:
+                    await nc.publish(msg.reply, b"")
+            out.flush()
+            os.fsync(out.fileno())
+        part.replace(target)
+        return {"config": meta.get("config"), "state": meta.get("state")}, size, digest.hexdigest()
+    finally:
+        with contextlib.suppress(nats.errors.Error):  # keep the real error if the connection is gone
+            await sub.unsubscribe()
+        part.unlink(missing_ok=True)
+
+
+async def save(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
+    path = Path(params["path"])
+    timeout = params["timeout"]
+    manifest_path = path / MANIFEST
+    if manifest_path.exists() and not params["force"]:
+        raise SnapshotError(f"{manifest_path} already holds a backup; use a new directory, or force=true to replace it")
+    names = list(dict.fromkeys(params["streams"])) or await stream_names(nc, timeout)
+    infos = {name: await stream_info(nc, name, timeout) for name in names}
+    missing = [name for name, info in infos.items() if info is None]
+    if missing:
+        raise SnapshotError(f"No such stream(s) to save: {', '.join(missing)}")
+    if check_mode:
+        planned = []
+        for name in names:
+            entry = summary(name, (infos[name] or {}).get("state") or {}, snapshot_bytes=None, sha256=None)
+            if not params["include_consumers"]:
+                entry["consumers"] = 0
+            planned.append(entry)
+        return {"changed": True, "path": str(path), "streams": planned}
+
+    path.mkdir(parents=True, exist_ok=True)
+    # A half-done save must never leave a manifest that points at a mix of old and new files.
+    manifest_path.unlink(missing_ok=True)
+    entries = []
+    for name in names:
+        snapshot_file, meta_file = path / f"{name}.snapshot", path / f"{name}.json"
+        try:
+            meta, size, sha256 = await snapshot_to_file(nc, name, snapshot_file, params["include_consumers"], timeout)
+        except SnapshotError as error:
+            raise SnapshotError(f"{error}; no {MANIFEST} written, the backup in {path} is incomplete") from None
+        except (nats.errors.Error, TimeoutError) as error:
+            raise SnapshotError(
+                f"{name}: {type(error).__name__}: {error}; no {MANIFEST} written, the backup in {path} is incomplete"
+            ) from None
+        meta_bytes = json.dumps(meta, indent=2, sort_keys=True).encode() + b"\n"
+        write_atomically(meta_file, meta_bytes)
+        state = meta.get("state") or {}
+        entry = summary(name, state, snapshot_bytes=size, sha256=sha256)
+        if not params["include_consumers"]:
+            entry["consumers"] = 0
+        entry |= {
+            "snapshot_file": snapshot_file.name,
+            "meta_file": meta_file.name,
+            "meta_sha256": hashlib.sha256(meta_bytes).hexdigest(),
+        }
+        entries.append(entry)
+    version = nc.connected_server_version
+    manifest = {
+        "format": FORMAT,
+        "created": datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        "server_version": f"{version.major}.{version.minor}.{version.patch}",
+        "include_consumers": params["include_consumers"],
+        "streams": entries,
+    }
+    write_atomically(manifest_path, json.dumps(manifest, indent=2).encode() + b"\n")
+    fsync_dir(path)
+    return {"changed": True, "path": str(path), "streams": [public(entry) for entry in entries]}
+
+
+def public(entry: dict[str, Any]) -> dict[str, Any]:
+    keys = ("name", *SUMMARY_KEYS, "consumers", "snapshot_bytes", "sha256")
+    return {key: entry.get(key) for key in keys}
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    try:
+        manifest: dict[str, Any] = json.loads(manifest_path.read_text())
+    except FileNotFoundError:
+        raise SnapshotError(f"No {MANIFEST} in {path}: not a jetstream_snapshot backup") from None
+    except ValueError as error:
+        raise SnapshotError(f"{manifest_path} is not valid JSON: {error}") from None
+    if manifest.get("format") != FORMAT or not isinstance(manifest.get("streams"), list):
+        raise SnapshotError(f"{manifest_path}: unknown manifest format {manifest.get('format')!r}")
+    return manifest
+
+
+def file_problems(path: Path, entry: dict[str, Any]) -> Iterator[str]:
+    """Why the files of one manifest entry cannot be trusted (nothing when they can)."""
+    name = entry.get("name", "?")
+    checks = (
+        (entry.get("snapshot_file") or f"{name}.snapshot", entry.get("sha256"), entry.get("snapshot_bytes")),
+        (entry.get("meta_file") or f"{name}.json", entry.get("meta_sha256"), None),
+    )
+    for filename, expected, size in checks:
+        file = path / Path(filename).name
+        if not file.is_file():
+            yield f"{file} is missing"
+        elif size is not None and file.stat().st_size != size:
+            yield f"{file} has {file.stat().st_size} bytes, the manifest says {size}"
+        elif sha256_of(file) != expected:
+            yield f"{file} does not match its sha256 in the manifest (corrupt or modified)"
+
+
+async def restore(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
+    path = Path(params["path"])
+    timeout = params["timeout"]
+    manifest = read_manifest(path)
+    by_name = {entry.get("name"): entry for entry in manifest["streams"]}
+    wanted = list(dict.fromkeys(params["streams"])) or list(by_name)
+    unknown = [name for name in wanted if name not in by_name]
+    if unknown:
+        raise SnapshotError(f"Not in {path / MANIFEST}: {', '.join(unknown)}")
+    problems = [problem for name in wanted for problem in file_problems(path, by_name[name])]
+    if problems:
+        raise SnapshotError("Refusing to restore anything: " + "; ".join(problems))
+    existing = [name for name in wanted if await stream_info(nc, name, timeout) is not None]
+    if existing and params["existing"] == "fail":
+        raise SnapshotError(
+            f"Refusing to restore anything: stream(s) already exist: {', '.join(existing)}"
+            " (existing=skip leaves them alone)"
+        )
+    todo = [name for name in wanted if name not in existing]
+    result: dict[str, Any] = {"changed": bool(todo), "path": str(path), "skipped_streams": existing}
+    if check_mode:
+        return result | {"streams": [public(by_name[name]) for name in todo]}
+
+    restored: list[dict[str, Any]] = []
+    for name in todo:
+        entry = by_name[name]
+        try:
+            meta = await restore_stream(nc, path, entry, timeout)
+        except SnapshotError as error:
+            raise SnapshotError(str(error), restored) from None
+        try:
+            aged_out = await verify_restored(nc, entry, meta, timeout)
+            if not params["include_consumers"]:
+                await delete_consumers(nc, name, timeout)
+        except SnapshotError as error:
+            # The stream is there, so the cluster changed; it is left for the operator to judge.
+            raise SnapshotError(str(error), [*restored, public(entry) | {"aged_out": None}]) from None
+        restored.append(public(entry) | {"aged_out": aged_out})
+    return result | {"streams": restored}
+
+
+async def restore_stream(nc: Any, path: Path, entry: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """Restores one stream; returns its saved config and state."""
+    name = entry["name"]
+    meta: dict[str, Any] = json.loads((path / Path(entry["meta_file"]).name).read_text())
+    reply = await api(nc, f"{API}.STREAM.RESTORE.{name}", {"config": meta["config"], "state": meta["state"]}, timeout)
+    deliver, idle = reply["deliver_subject"], idle_limit(timeout)
+    chunk_size = min(RESTORE_CHUNK, int(nc.max_payload or RESTORE_CHUNK))
+    try:
+        with (path / Path(entry["snapshot_file"]).name).open("rb") as source:
+            for chunk in iter(lambda: source.read(chunk_size), b""):
+                answer = await request(nc, deliver, chunk, idle)
+                if answer.data:
+                    raise SnapshotError(f"{name}: the server rejected a restore chunk: {reply_error(answer.data)}")
+        final = await request(nc, deliver, b"", FINAL_WAIT)
+        if final.data and reply_error(final.data):
+            raise SnapshotError(f"{name}: the server rejected the restore: {reply_error(final.data)}")
+    except (SnapshotError, nats.errors.Error, TimeoutError) as error:
+        # The stream did not exist before this restore: remove what it left so a rerun starts clean.
+        cleaned = await delete_partial(nc, name, timeout)
+        raise SnapshotError(f"{error} ({cleaned})") from None
+    return meta
+
+
+def reply_error(data: bytes) -> str:
+    if data.startswith(b"-ERR"):
+        return data.decode(errors="replace")
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return data[:200].decode(errors="replace")
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    if not error:
+        return ""
+    return f"{error.get('description')} (err_code {error.get('err_code')})"
+
+
+async def delete_partial(nc: Any, name: str, timeout: float) -> str:
+    try:
+        if await stream_info(nc, name, timeout) is None:
+            return "no partial stream was left"
+        await api(nc, f"{API}.STREAM.DELETE.{name}", None, timeout)
+        return "the partial stream it left was deleted"
+    except (SnapshotError, nats.errors.Error, TimeoutError) as error:
+        return f"a partial stream may be left; delete it before retrying ({error})"
+
+
+def parse_ts(value: str) -> datetime:
+    """RFC 3339 with nanoseconds, as the server writes it, to a datetime (microseconds)."""
+    found = re.fullmatch(r"(.+T[\d:]+)(?:\.(\d+))?(Z|[+-][\d:]+)", value)
+    if not found:
+        raise ValueError(f"not a timestamp: {value!r}")
+    base, fraction, zone = found.groups()
+    return datetime.fromisoformat(f"{base}.{(fraction or '0')[:6]:0<6}{'+00:00' if zone == 'Z' else zone}")
+
+
+def aged_out(entry: dict[str, Any], meta: dict[str, Any], state: dict[str, Any], now: datetime) -> int | None:
+    """How many messages at the head of the backup the stream's own limits have removed since it was
+    saved (max_age, or message TTLs, which the server drops on restore), when that alone explains a
+    difference; None when it does not. The last sequence must always match."""
+    config, saved = meta.get("config") or {}, meta.get("state") or {}
+    messages, first_seq = int(state.get("messages") or 0), int(state.get("first_seq") or 0)
+    if int(state.get("last_seq") or 0) != entry["last_seq"] or messages >= entry["messages"]:
+        return None
+    if config.get("allow_msg_ttl"):
+        return int(entry["messages"] - messages)
+    max_age_ns = int(config.get("max_age") or 0)
+    if not max_age_ns or first_seq <= entry["first_seq"] or not saved.get("first_ts"):
+        return None
+    if parse_ts(saved["first_ts"]) + timedelta(microseconds=max_age_ns // 1000) > now:
+        return None  # nothing in the backup is old enough to have aged out yet
+    return int(entry["messages"] - messages)
+
+
+async def verify_restored(nc: Any, entry: dict[str, Any], meta: dict[str, Any], timeout: float) -> int:
+    """Fails unless the restored stream matches the manifest; returns the messages aged out."""
+    name = entry["name"]
+    deadline = time.monotonic() + idle_limit(timeout)
+    while True:
+        try:
+            info = await stream_info(nc, name, timeout)
+            if info is not None:
+                break
+        except (ApiError, NoAnswer):
+            pass  # a freshly restored clustered stream may still be electing its leader
+        if time.monotonic() > deadline:
+            raise SnapshotError(f"{name}: restored, but its stream info did not answer for {idle_limit(timeout):.0f} s")
+        await asyncio.sleep(0.5)
+    state = info.get("state") or {}
+    expired = aged_out(entry, meta, state, datetime.now(UTC))
+    if expired is not None:
+        return expired
+    differs = {
+        key: (entry.get(key), int(state.get(key) or 0))
+        for key in ("messages", "first_seq", "last_seq")
+        if int(state.get(key) or 0) != entry.get(key)
+    }
+    if differs:
+        detail = ", ".join(f"{key} {want} in the manifest but {got} restored" for key, (want, got) in differs.items())
+        raise SnapshotError(f"{name}: restored stream does not match the backup: {detail}")
+    return 0
+
+
+async def delete_consumers(nc: Any, name: str, timeout: float) -> None:
+    # Names come in pages; deleting empties them, so the first page is asked for again.
+    while consumers := (await api(nc, f"{API}.CONSUMER.NAMES.{name}", {"offset": 0}, timeout)).get("consumers"):
+        for consumer in consumers:
+            await api(nc, f"{API}.CONSUMER.DELETE.{name}.{consumer}", None, timeout)
+
+
+async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
+    timeout = params["timeout"]
+    nc = await nats.connect(servers=params["servers"], connect_timeout=timeout, max_reconnect_attempts=2)
+    try:
+        if params["state"] == "saved":
+            return await save(nc, params, check_mode)
+        return await restore(nc, params, check_mode)
+    finally:
+        await nc.close()
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec={
+            "servers": {"type": "list", "elements": "str", "required": True},
+            "state": {"type": "str", "choices": ["saved", "restored"], "required": True},
+            "path": {"type": "path", "required": True},
+            "streams": {"type": "list", "elements": "str", "default": []},
+            "include_consumers": {"type": "bool", "default": True},
+            "existing": {"type": "str", "choices": ["fail", "skip"], "default": "fail"},
+            "force": {"type": "bool", "default": False},
+            "timeout": {"type": "float", "default": 5.0},
+        },
+        supports_check_mode=True,
+    )
+    if not HAS_NATS:
+        module.fail_json(msg="jetstream_snapshot needs nats-py on the controller (pip install nats-py)")
+    try:
+        result = asyncio.run(run(module.params, module.check_mode))
+    except SnapshotError as error:
+        module.fail_json(
+            msg=str(error), changed=bool(error.restored), streams=error.restored, path=module.params["path"]
+        )
+    except (nats.errors.Error, OSError, TimeoutError, ValueError) as error:
+        module.fail_json(msg=f"JetStream snapshot: {type(error).__name__}: {error}", path=module.params["path"])
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
