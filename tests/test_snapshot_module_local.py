@@ -24,6 +24,8 @@ from tests.helpers import REPO, ansible_env, run_playbook
 from tests.local_nats import local_jetstream
 
 EVENTS, BIG = "SNAP_EVENTS", "SNAP_BIG"
+# An empty stream: its first_seq differs after a restore (0 vs 1) and must not count.
+EMPTY = "SNAP_EMPTY"
 SUBJECTS = ("snap.orders.created", "snap.orders.shipped", "snap.audit")
 # First, middle and last messages deleted: sequences must come back with the same gaps.
 DELETED = (1, 150, 300)
@@ -306,3 +308,22 @@ def test_only_the_streams_own_limits_excuse_missing_messages() -> None:
     ttl = {"config": {"allow_msg_ttl": True}, "state": {}}
     assert aged_out(entry, ttl, {"messages": 95, "first_seq": 1, "last_seq": 100}, now) == 5
     assert aged_out(entry, meta, entry, now) is None, "nothing missing: the exact comparison applies"
+
+
+def test_an_empty_stream_round_trips(tmp_path: Path) -> None:
+    """An empty stream reports first_seq 0 when saved and 1 once restored: still a match."""
+    (tmp_path / "server").mkdir()
+    with local_jetstream(tmp_path / "server") as url:
+
+        async def create() -> None:
+            nc = await nats.connect(url)
+            await nc.jetstream().add_stream(name=EMPTY, subjects=["empty.>"], storage="file")
+            await nc.close()
+
+        asyncio.run(create())
+        code, outcome, output = snapshot_module(tmp_path, url, state="saved", path=str(tmp_path / "backup"))
+        assert code == 0, output[-2000:]
+        delete_stream(url, EMPTY)
+        code, outcome, output = snapshot_module(tmp_path, url, state="restored", path=str(tmp_path / "backup"))
+        assert code == 0 and outcome["changed"], output[-2000:]
+        assert [(s["name"], s["messages"]) for s in outcome["streams"]] == [(EMPTY, 0)]

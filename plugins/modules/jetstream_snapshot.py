@@ -523,7 +523,8 @@ async def verify_restored(nc: Any, entry: dict[str, Any], meta: dict[str, Any], 
         return expired
     differs = {
         key: (entry.get(key), int(state.get(key) or 0))
-        for key in ("messages", "first_seq", "last_seq")
+        # An empty stream's first_seq is 0 or last_seq + 1 depending on its history: not compared.
+        for key in (("messages", "first_seq", "last_seq") if entry["messages"] else ("messages", "last_seq"))
         if int(state.get(key) or 0) != entry.get(key)
     }
     if differs:
