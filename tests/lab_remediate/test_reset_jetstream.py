@@ -180,6 +180,14 @@ async def _dump_stream(servers: list[str]) -> list[tuple[Any, ...]]:
         await nc.close()
 
 
+async def _delete_stream(servers: list[str]) -> None:
+    nc = await connect(servers, "reset-test")
+    try:
+        await nc.jetstream(timeout=10).delete_stream(STREAM)
+    finally:
+        await nc.close()
+
+
 def corrupt_meta_state(host: str) -> None:
     """Overwrites the meta group's raft state (log, snapshot, peers) with garbage."""
     meta = rf"/mnt/cimstor-jetstream/{host}/jetstream/\$SYS/_js_/_meta_"
@@ -219,6 +227,7 @@ def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: C
     assert len(set(replica_states(healthy_lab, STREAM).values())) == 1
     code, _, _, output = nats_verify(tmp_path)
     assert code == 0, output[-3000:]
+    asyncio.run(_delete_stream(servers))
     print(
         f"reset-jetstream cluster mode (snapshot, wipe, cold start, restore): {elapsed:.1f} s; 499 of 499 messages back"
     )
