@@ -118,3 +118,36 @@ def test_the_unbroken_copy_passes_preflight(tmp_path: Path) -> None:
     result = run_playbook("preflight.yml", inventory, env=env, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert ssh_log.read_text() == ""
+
+
+REFUSING_SSH = """#!/bin/sh
+echo "$@" >> {log}
+exit 255
+"""
+
+
+@pytest.mark.parametrize(
+    "playbook",
+    [
+        "site.yml",
+        "rolling-restart.yml",
+        "remediate/remount-storage.yml",
+        "remediate/reset-jetstream.yml",
+        "remediate/purge-consumers.yml",
+    ],
+)
+def test_a_play_limited_to_part_of_the_cluster_is_refused_before_touching_hosts(playbook: str, tmp_path: Path) -> None:
+    """Their health and quorum checks ask every member, so --limit is refused up front. ssh is a
+    recorder that connects nowhere, so even a failing guard sends nothing."""
+    inventory = make_inventory(tmp_path, {})
+    log = tmp_path / "ssh-calls.log"
+    log.touch()
+    wrapper = tmp_path / "ssh-refuser"
+    wrapper.write_text(REFUSING_SSH.format(log=log))
+    wrapper.chmod(0o755)
+    env = ansible_env(ANSIBLE_SSH_EXECUTABLE=str(wrapper))
+    result = run_playbook(playbook, inventory, "--limit", "nats-2", env=env, timeout=120)
+    output = " ".join((result.stdout + result.stderr).split())
+    assert result.returncode != 0, output[-2000:]
+    assert "run it without --limit (left out: nats-1, nats-3)" in output, output[-2000:]
+    assert log.read_text() == "", "a limited play connected to a host"

@@ -116,3 +116,36 @@ def test_stale_storage_under_load_is_found_and_remounted_with_nothing_lost(
         f"published {tally.attempted}, acked {len(tally.acked)}, failed {len(tally.failed)}, retries {tally.retries}"
     )
     assert on(TARGET, f"findmnt -n -o FSTYPE {STORE.rsplit('/', 1)[0]}").strip() == "fuse.cimnfs"
+
+
+def test_named_nodes_are_remounted_and_unknown_names_refused(healthy_lab: Cluster) -> None:
+    before = {node.host: service_identity(node.host) for node in healthy_lab.nodes}
+    refused = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", "remount_storage_nodes=nats-3,nats-7")
+    assert refused.returncode != 0
+    assert "remount_storage_nodes names nats-7, not members" in " ".join(refused.stdout.split())
+    result = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", "remount_storage_nodes=nats-3")
+    assert result.returncode == 0, result.stdout[-3000:]
+    changed = {host: counts["changed"] for host, counts in recap(result.stdout).items()}
+    assert changed["nats-3"] > 0 and changed["nats-1"] == changed["nats-2"] == 0, changed
+    after = {node.host: service_identity(node.host) for node in healthy_lab.nodes}
+    assert after["nats-3"] != before["nats-3"] and {h: after[h] for h in ("nats-1", "nats-2")} == {
+        h: before[h] for h in ("nats-1", "nats-2")
+    }
+
+
+def test_every_node_stale_needs_all_at_once_then_recovers(healthy_lab: Cluster, tmp_path: Path) -> None:
+    hosts = [node.host for node in healthy_lab.nodes]
+    before = {host: service_identity(host) for host in hosts}
+    for host in hosts:
+        assert nats_lab("fault", "stale-storage", host).returncode == 0
+    refused = run_playbook(PLAYBOOK, LAB_INVENTORY)
+    assert refused.returncode != 0
+    assert "stale on every node" in " ".join(refused.stdout.split()), refused.stdout[-3000:]
+    assert all(storage_is_stale(host) for host in hosts)
+    assert {host: service_identity(host) for host in hosts} == before
+
+    result = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", "remount_storage_all_at_once=true")
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert not any(storage_is_stale(host) for host in hosts)
+    code, _, _, output = nats_verify(tmp_path)
+    assert code == 0, output[-3000:]
