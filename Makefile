@@ -77,6 +77,7 @@ test: setup lab-deps lint
 bench: setup lab-deps
 	$(BIN)/python -m benchmarks.deploy
 	$(BIN)/python -m benchmarks.eventstore
+	$(BIN)/python -m benchmarks.remediation
 
 clean: lab-down
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis
