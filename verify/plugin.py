@@ -26,11 +26,11 @@ from verify.inventory import Cluster, Node, load_cluster
 GROUPS = ("host", "cluster", "eventstore")
 # Each failing check names what to do next; pages live in docs/runbooks/.
 RUNBOOKS = {
-    "service": "check `journalctl -u nats-server` on the node; start it, or playbooks/site.yml",
-    "storage": "stale or missing storage mount: docs/storage.md (remount the share, then restart nats-server)",
+    "service": "journalctl -u nats-server on the node; start it with playbooks/site.yml (docs/runbooks/README.md)",
+    "storage": "stale or missing storage: playbooks/remediate/remount-storage.yml (docs/runbooks/remount-storage.md)",
     "config": "re-run playbooks/site.yml (it validates and rolls the config)",
-    "cluster": "JetStream unavailable / quorum: check the failing nodes first (docs/storage.md, playbooks/health.yml)",
-    "consumers": "stale consumers piling up: find their owners; delete consumers with nothing pending",
+    "cluster": "JetStream unavailable / quorum: fix the failing nodes first; docs/runbooks/README.md maps symptoms",
+    "consumers": "stale consumers: playbooks/remediate/purge-consumers.yml (docs/runbooks/purge-consumers.md)",
     "streams": "a declared stream differs: run playbooks/streams.yml (--check --diff shows the change)",
     "eventstore": "event-store operations fail: fix the cluster checks above first",
 }

@@ -95,6 +95,8 @@ def test_stale_storage_under_load_is_found_and_remounted_with_nothing_lost(
         failures = failed_checks(report)
         assert f"test_storage_answers_stat_and_write_probe[{TARGET}]" in failures, failures
         assert all(TARGET in check for check in failures), failures
+        hints = {c["runbook"] for c in report["checks"] if c["outcome"] == "failed"}
+        assert any("playbooks/remediate/remount-storage.yml" in hint for hint in hints), hints
 
         started = time.monotonic()
         result = run_playbook(PLAYBOOK, LAB_INVENTORY)

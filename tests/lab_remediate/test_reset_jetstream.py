@@ -231,3 +231,23 @@ def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: C
     print(
         f"reset-jetstream cluster mode (snapshot, wipe, cold start, restore): {elapsed:.1f} s; 499 of 499 messages back"
     )
+
+
+def test_cluster_mode_check_changes_nothing(healthy_lab: Cluster, tmp_path: Path) -> None:
+    before = identities(healthy_lab)
+    stored = {node.host: backups(node.host) for node in healthy_lab.nodes}
+    result = run_playbook(
+        PLAYBOOK,
+        LAB_INVENTORY,
+        "--check",
+        "-e",
+        "reset_jetstream_scope=cluster",
+        "-e",
+        "reset_jetstream_confirm=phx-cluster",
+        "-e",
+        f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}",
+    )
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert identities(healthy_lab) == before
+    assert {node.host: backups(node.host) for node in healthy_lab.nodes} == stored
+    assert not (tmp_path / "snapshots" / "manifest.json").exists()

@@ -154,3 +154,44 @@ def _seconds(systemd_span: str) -> float:
     """'2min 10s' / '70s' / '1min' -> seconds."""
     units = {"min": 60.0, "s": 1.0, "ms": 0.001, "h": 3600.0}
     return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(min|ms|s|h)", systemd_span))
+
+
+# `systemd-analyze security` of upstream's util/nats-server-hardened.service (nats-server repo),
+# measured on a lab host with Debian 12's systemd 252 (docs/security.md). Ours adds storage guards
+# and must not be more exposed than it.
+UPSTREAM_HARDENED_EXPOSURE = 1.7
+
+
+@pytest.mark.runbook("config")
+def test_unit_exposure_at_or_below_upstream_hardened(nats_host: Any, nats_node: Node) -> None:
+    result = nats_host.run(f"timeout 20 systemd-analyze security --no-pager {UNIT}")
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", result.stdout)
+    assert match, f"{nats_node.host}: systemd-analyze security gave no figure: {result.stderr.strip()[:300]}"
+    exposure = float(match.group(1))
+    assert exposure <= UPSTREAM_HARDENED_EXPOSURE, (
+        f"{nats_node.host}: the unit's exposure is {exposure}, above upstream's hardened unit "
+        f"({UPSTREAM_HARDENED_EXPOSURE})"
+    )
+
+
+@pytest.mark.runbook("config")
+def test_server_can_write_only_its_store_and_runtime_dir(nats_host: Any, nats_node: Node) -> None:
+    """Tried inside the running server's own mount namespace: its user can write a file in the
+    store and the pid directory; not even root can write the binary, config or the rest of the
+    system there (ProtectSystem=strict with ReadWritePaths of the store only)."""
+    pid = nats_host.run(f"systemctl show -p MainPID --value {UNIT}").stdout.strip()
+    assert pid not in ("", "0"), f"{nats_node.host}: nats-server is not running"
+    user, group = nats_node["nats_server_user"], nats_node["nats_server_group"]
+
+    def writable(directory: str, as_service_user: bool) -> bool:
+        probe = f"{directory}/.verify-write-probe"
+        become = f"setpriv --reuid={user} --regid={group} --init-groups " if as_service_user else ""
+        command = f"timeout {PROBE_SECONDS} nsenter -t {pid} -m -- {become}sh -c 'touch {probe} && rm -f {probe}'"
+        return bool(nats_host.run(command).rc == 0)
+
+    store = nats_node["nats_server_jetstream_store_dir"]
+    allowed = {path: writable(path, True) for path in (store, "/run/nats-server")}
+    assert all(allowed.values()), f"{nats_node.host}: the server cannot write {allowed}"
+    forbidden = ["/etc/nats-server", "/opt/nats-server", "/usr/local/sbin", "/var/lib", "/etc", "/root"]
+    written = [path for path in forbidden if writable(path, False)]
+    assert not written, f"{nats_node.host}: inside the server's sandbox root could write {written}"
