@@ -251,3 +251,25 @@ def test_cluster_mode_check_changes_nothing(healthy_lab: Cluster, tmp_path: Path
     assert identities(healthy_lab) == before
     assert {node.host: backups(node.host) for node in healthy_lab.nodes} == stored
     assert not (tmp_path / "snapshots" / "manifest.json").exists()
+
+
+def test_cluster_mode_stops_everywhere_when_one_store_fails(healthy_lab: Cluster, tmp_path: Path) -> None:
+    """nats-3's store is stale: the run must stop before it touches nats-1 or nats-2 either."""
+    before = identities(healthy_lab)
+    stored = {node.host: backups(node.host) for node in healthy_lab.nodes if node.host != "nats-3"}
+    assert nats_lab("fault", "stale-storage", "nats-3").returncode == 0
+    result = run_playbook(
+        PLAYBOOK,
+        LAB_INVENTORY,
+        "-e",
+        "reset_jetstream_scope=cluster",
+        "-e",
+        "reset_jetstream_confirm=phx-cluster",
+        "-e",
+        f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}",
+    )
+    assert result.returncode != 0
+    assert "The store on nats-3 fails its probe" in " ".join(result.stdout.split()), result.stdout[-3000:]
+    assert identities(healthy_lab) == before
+    assert {host: backups(host) for host in stored} == stored
+    assert not (tmp_path / "snapshots").exists()
