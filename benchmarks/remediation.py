@@ -111,6 +111,17 @@ def main() -> None:
             lambda: playbook("rolling-restart.yml", "-e", "nats_server_upgrade=true"),
         ),
     ]
+    for node in cluster.nodes:
+        nats_lab("fault", "stale-storage", node.host)
+    rows.append(
+        (
+            "remount-storage, every node stale, all at once",
+            playbook("remediate/remount-storage.yml", "-e", "remount_storage_all_at_once=true"),
+            "full outage by design; no load",
+        )
+    )
+    nats_lab("heal")
+    wait_healthy(cluster)
     asyncio.run(leak_consumers(cluster.client_urls, 200))
     time.sleep(6)
     purge = playbook(
