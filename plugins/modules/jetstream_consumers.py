@@ -70,7 +70,7 @@ author: cim-nats-infra
 EXAMPLES = r"""
 - name: Consumers | report stale consumers
   jetstream_consumers:
-    servers: ["nats://10.0.20.1:4222", "nats://10.0.20.2:4222"]
+    servers: "{{ jetstream_streams_servers }}"
     streams: [INFRASTRUCTURE_EVENTS]
     stale_after: 2h
   delegate_to: localhost
@@ -83,7 +83,7 @@ EXAMPLES = r"""
 
 - name: Consumers | delete leaked ephemeral-style consumers and stop new leaks
   jetstream_consumers:
-    servers: ["nats://10.0.20.1:4222"]
+    servers: "{{ jetstream_streams_servers }}"
     stale_after: 2h
     name_pattern: "tmp-*"
     delete: true

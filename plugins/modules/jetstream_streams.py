@@ -47,7 +47,7 @@ author: cim-nats-infra
 EXAMPLES = r"""
 - name: Streams | apply the declared streams
   jetstream_streams:
-    servers: ["nats://10.0.20.1:4222", "nats://10.0.20.2:4222"]
+    servers: "{{ jetstream_streams_servers }}"
     streams:
       - name: INFRASTRUCTURE_EVENTS
         subjects: ["infrastructure.>"]
