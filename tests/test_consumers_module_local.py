@@ -289,7 +289,7 @@ def test_errors_name_the_problem(tmp_path: Path, world: tuple[str, list[str]]) -
 
 def load_module() -> ModuleType:
     """The module file itself, its `ansible.module_utils` imports served from plugins/module_utils."""
-    for name in ("jetstream_stream_spec", "jetstream_consumer_staleness"):
+    for name in ("jetstream_api", "jetstream_stream_spec", "jetstream_consumer_staleness"):
         spec = importlib.util.spec_from_file_location(name, REPO / "plugins/module_utils" / f"{name}.py")
         assert spec and spec.loader
         util = importlib.util.module_from_spec(spec)

@@ -129,13 +129,13 @@ table:
 """
 
 import asyncio
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.jetstream_api import STREAM_NOT_FOUND, ApiError, ConnectError, api, connect, paged
 from ansible.module_utils.jetstream_consumer_staleness import (
     Consumer,
     Rules,
@@ -154,68 +154,14 @@ except ImportError:  # reported by fail_json below
     HAS_NATS = False
 
 DELETE_CONCURRENCY = 16
-STREAM_NOT_FOUND = 10059
 CONSUMER_NOT_FOUND = 10014
 LIMITS_VIOLATE_CONSUMERS = 10069
 # Subject tokens: a stream name with these would address another API subject.
 _BAD_STREAM_NAME = re.compile(r"[\s.*>/\\]")
 
 
-class ApiError(Exception):
-    def __init__(self, subject: str, description: str, err_code: int = 0) -> None:
-        super().__init__(f"{subject}: {description}" + (f" (err_code {err_code})" if err_code else ""))
-        self.err_code = err_code
-
-
 class Problem(Exception):
     """Bad input or an unusable cluster; the message says which."""
-
-
-async def api(nc: Any, subject: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    """One JetStream API request as raw JSON: nats-py's helpers return a single page and drop
-    fields (the server's `ts`)."""
-    try:
-        reply = await nc.request(subject, json.dumps(payload).encode() if payload is not None else b"", timeout=timeout)
-    except nats.errors.NoRespondersError as error:
-        raise ApiError(subject, "no responders (JetStream not enabled for this account?)") from error
-    except nats.errors.TimeoutError as error:
-        raise ApiError(subject, f"no answer within {timeout:g} s") from error
-    data: dict[str, Any] = json.loads(reply.data)
-    if data.get("error"):
-        err = data["error"]
-        raise ApiError(subject, str(err.get("description", err)), int(err.get("err_code") or 0))
-    return data
-
-
-async def paged(nc: Any, subject: str, key: str, timeout: float) -> tuple[list[Any], list[str]]:
-    """All items of a list API (256 consumers or 1024 names a page), and any names the server
-    reported it could not include (`missing`, when consumer leaders do not answer in a cluster)."""
-    items: list[Any] = []
-    missing: list[str] = []
-    offset = 0
-    while True:
-        data = await api(nc, subject, {"offset": offset}, timeout)
-        page = data.get(key) or []
-        items.extend(page)
-        missing.extend(data.get("missing") or [])
-        offset += len(page)
-        if not page or offset >= int(data.get("total") or 0):
-            return items, missing
-
-
-async def connect(servers: list[str], timeout: float) -> Any:
-    errors: list[str] = []
-
-    async def note(error: Exception) -> None:  # instead of nats-py printing to stderr
-        errors.append(f"{type(error).__name__}: {error}")
-
-    try:
-        return await asyncio.wait_for(
-            nats.connect(servers=servers, connect_timeout=timeout, max_reconnect_attempts=2, error_cb=note), timeout
-        )
-    except (TimeoutError, nats.errors.Error, OSError) as error:
-        last = errors[-1] if errors else f"{type(error).__name__}: {error}"
-        raise Problem(f"cannot connect to {', '.join(servers)} within {timeout:g} s ({last})") from error
 
 
 def unknown(stream: str, name: str, why: str) -> Verdict:
@@ -240,7 +186,8 @@ class Cleanup:
     errors: list[str] = field(default_factory=list)
 
     async def api(self, subject: str, payload: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await api(self.nc, subject, payload, self.timeout)
+        answer: dict[str, Any] = await api(self.nc, subject, payload, self.timeout)
+        return answer
 
     async def stream_names(self, requested: list[str]) -> list[str]:
         if requested:
@@ -391,7 +338,7 @@ def main() -> None:
         module.fail_json(msg="jetstream_consumers needs nats-py on the controller (pip install nats-py)")
     try:
         result = asyncio.run(run(module.params, module.check_mode))
-    except Problem as error:
+    except (Problem, ConnectError) as error:
         module.fail_json(msg=str(error))
     except ApiError as error:
         module.fail_json(msg=f"JetStream API: {error}")

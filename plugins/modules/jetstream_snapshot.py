@@ -131,6 +131,7 @@ from pathlib import Path
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.jetstream_api import JS_API, ApiError, ConnectError, api, connect, paged, request, stream_info
 
 try:
     import nats
@@ -139,10 +140,9 @@ try:
 except ImportError:  # reported by fail_json below
     HAS_NATS = False
 
-API = "$JS.API"
+API = JS_API
 MANIFEST = "manifest.json"
 FORMAT = 1
-STREAM_NOT_FOUND = 10059
 # jsm.go sends restore data in 64-512 KiB requests; 128 KiB matches the server's snapshot chunk.
 RESTORE_CHUNK = 128 * 1024
 # The server answers the final empty restore chunk only when the stream is stored and activated.
@@ -170,58 +170,13 @@ class SnapshotError(Exception):
         self.restored = restored or []
 
 
-class ApiError(SnapshotError):
-    def __init__(self, subject: str, error: dict[str, Any]) -> None:
-        self.err_code = int(error.get("err_code") or 0)
-        super().__init__(
-            f"{subject}: {error.get('description', 'error')} (code {error.get('code')}, err_code {self.err_code})"
-        )
-
-
-class NoAnswer(SnapshotError):
-    pass
-
-
 def idle_limit(timeout: float) -> float:
     return max(30.0, 6 * timeout)
 
 
-async def request(nc: Any, subject: str, body: bytes, timeout: float) -> Any:
-    """nc.request, with a timeout or missing responder reported against the subject."""
-    try:
-        return await nc.request(subject, body, timeout=timeout)
-    except nats.errors.NoRespondersError:
-        raise NoAnswer(f"{subject}: no responders (is JetStream enabled, does the stream have a leader?)") from None
-    except nats.errors.TimeoutError:
-        raise NoAnswer(f"{subject}: no answer within {timeout:.0f} s") from None
-
-
-async def api(nc: Any, subject: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
-    body = json.dumps(payload).encode() if payload is not None else b""
-    reply = await request(nc, subject, body, timeout)
-    data: dict[str, Any] = json.loads(reply.data)
-    if data.get("error"):
-        raise ApiError(subject, data["error"])
-    return data
-
-
 async def stream_names(nc: Any, timeout: float) -> list[str]:
-    names: list[str] = []
-    while True:
-        page = await api(nc, f"{API}.STREAM.NAMES", {"offset": len(names)}, timeout)
-        batch = page.get("streams") or []
-        names.extend(batch)
-        if not batch or len(names) >= int(page.get("total", 0)):
-            return sorted(names)
-
-
-async def stream_info(nc: Any, name: str, timeout: float) -> dict[str, Any] | None:
-    try:
-        return await api(nc, f"{API}.STREAM.INFO.{name}", None, timeout)
-    except ApiError as error:
-        if error.err_code == STREAM_NOT_FOUND:
-            return None
-        raise
+    names, _ = await paged(nc, f"{API}.STREAM.NAMES", "streams", timeout)
+    return sorted(names)
 
 
 def summary(name: str, state: dict[str, Any], **extra: Any) -> dict[str, Any]:
@@ -323,7 +278,7 @@ async def save(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str, A
         snapshot_file, meta_file = path / f"{name}.snapshot", path / f"{name}.json"
         try:
             meta, size, sha256 = await snapshot_to_file(nc, name, snapshot_file, params["include_consumers"], timeout)
-        except SnapshotError as error:
+        except (SnapshotError, ApiError) as error:
             raise SnapshotError(f"{error}; no {MANIFEST} written, the backup in {path} is incomplete") from None
         except (nats.errors.Error, TimeoutError) as error:
             raise SnapshotError(
@@ -417,13 +372,13 @@ async def restore(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str
         entry = by_name[name]
         try:
             meta = await restore_stream(nc, path, entry, timeout)
-        except SnapshotError as error:
+        except (SnapshotError, ApiError) as error:
             raise SnapshotError(str(error), restored) from None
         try:
             aged_out = await verify_restored(nc, entry, meta, timeout)
             if not params["include_consumers"]:
                 await delete_consumers(nc, name, timeout)
-        except SnapshotError as error:
+        except (SnapshotError, ApiError) as error:
             # The stream is there, so the cluster changed; it is left for the operator to judge.
             raise SnapshotError(str(error), [*restored, public(entry) | {"aged_out": None}]) from None
         restored.append(public(entry) | {"aged_out": aged_out})
@@ -446,7 +401,7 @@ async def restore_stream(nc: Any, path: Path, entry: dict[str, Any], timeout: fl
         final = await request(nc, deliver, b"", FINAL_WAIT)
         if final.data and reply_error(final.data):
             raise SnapshotError(f"{name}: the server rejected the restore: {reply_error(final.data)}")
-    except (SnapshotError, nats.errors.Error, TimeoutError) as error:
+    except (SnapshotError, ApiError, nats.errors.Error, TimeoutError) as error:
         # The stream did not exist before this restore: remove what it left so a rerun starts clean.
         cleaned = await delete_partial(nc, name, timeout)
         raise SnapshotError(f"{error} ({cleaned})") from None
@@ -472,7 +427,7 @@ async def delete_partial(nc: Any, name: str, timeout: float) -> str:
             return "no partial stream was left"
         await api(nc, f"{API}.STREAM.DELETE.{name}", None, timeout)
         return "the partial stream it left was deleted"
-    except (SnapshotError, nats.errors.Error, TimeoutError) as error:
+    except (SnapshotError, ApiError, nats.errors.Error, TimeoutError) as error:
         return f"a partial stream may be left; delete it before retrying ({error})"
 
 
@@ -512,7 +467,7 @@ async def verify_restored(nc: Any, entry: dict[str, Any], meta: dict[str, Any], 
             info = await stream_info(nc, name, timeout)
             if info is not None:
                 break
-        except (ApiError, NoAnswer):
+        except ApiError:
             pass  # a freshly restored clustered stream may still be electing its leader
         if time.monotonic() > deadline:
             raise SnapshotError(f"{name}: restored, but its stream info did not answer for {idle_limit(timeout):.0f} s")
@@ -542,7 +497,7 @@ async def delete_consumers(nc: Any, name: str, timeout: float) -> None:
 
 async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
     timeout = params["timeout"]
-    nc = await nats.connect(servers=params["servers"], connect_timeout=timeout, max_reconnect_attempts=2)
+    nc = await connect(params["servers"], timeout)
     try:
         if params["state"] == "saved":
             return await save(nc, params, check_mode)
@@ -573,6 +528,8 @@ def main() -> None:
         module.fail_json(
             msg=str(error), changed=bool(error.restored), streams=error.restored, path=module.params["path"]
         )
+    except (ApiError, ConnectError) as error:
+        module.fail_json(msg=str(error), path=module.params["path"])
     except (nats.errors.Error, OSError, TimeoutError, ValueError) as error:
         module.fail_json(msg=f"JetStream snapshot: {type(error).__name__}: {error}", path=module.params["path"])
     module.exit_json(**result)
