@@ -9,14 +9,12 @@ leaves it deployed and healthy. Goal (issue #4): remount-storage <= 30 s.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable
 
-import nats
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook, wait_healthy
+from tests.helpers import CLUSTER_RESET, LAB_INVENTORY, delete_stream, nats_lab, run_playbook, wait_healthy
 from verify.inventory import Cluster, load_cluster
 from verify.load import BackgroundPublisher, connect
 
@@ -58,8 +56,6 @@ async def leak_consumers(servers: list[str], count: int) -> None:
     nc = await connect(servers, "bench")
     try:
         js = nc.jetstream(timeout=10)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream("LAB_BENCH_CONSUMERS")
         await js.add_stream(
             StreamConfig(name="LAB_BENCH_CONSUMERS", subjects=["labbench.>"], storage=StorageType.FILE, num_replicas=3)
         )
@@ -68,15 +64,6 @@ async def leak_consumers(servers: list[str], count: int) -> None:
                 "LAB_BENCH_CONSUMERS",
                 ConsumerConfig(durable_name=f"leak-{n}", filter_subject="labbench.x", ack_policy=AckPolicy.EXPLICIT),
             )
-    finally:
-        await nc.close()
-
-
-async def delete_stream(servers: list[str], name: str) -> None:
-    nc = await connect(servers, "bench")
-    try:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await nc.jetstream(timeout=10).delete_stream(name)
     finally:
         await nc.close()
 
@@ -122,6 +109,7 @@ def main() -> None:
     )
     nats_lab("heal")
     wait_healthy(cluster)
+    delete_stream(cluster.client_urls, "LAB_BENCH_CONSUMERS")
     asyncio.run(leak_consumers(cluster.client_urls, 200))
     time.sleep(6)
     purge = playbook(
@@ -132,16 +120,8 @@ def main() -> None:
         "jetstream_streams_purge_delete=true",
     )
     rows.append(("purge-consumers, 200 leaked deleted", purge, "report + delete in one run"))
-    asyncio.run(delete_stream(cluster.client_urls, "LAB_BENCH_CONSUMERS"))
-    reset_all = playbook(
-        "remediate/reset-jetstream.yml",
-        "-e",
-        "reset_jetstream_scope=cluster",
-        "-e",
-        "reset_jetstream_confirm=phx-cluster",
-        "-e",
-        "reset_jetstream_restore=true",
-    )
+    delete_stream(cluster.client_urls, "LAB_BENCH_CONSUMERS")
+    reset_all = playbook("remediate/reset-jetstream.yml", *CLUSTER_RESET)
     rows.append(("reset-jetstream, cluster mode with restore", reset_all, "full outage by design; no load"))
     wait_healthy(cluster)
     print(f"{'runbook':48} {'seconds':>8}  messages")

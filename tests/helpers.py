@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import re
@@ -11,11 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import nats
 import yaml
 
 from verify import monitor
 from verify.inventory import Cluster
-from verify.load import BackgroundPublisher
+from verify.load import BackgroundPublisher, connect
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -143,6 +146,28 @@ def recap(output: str) -> dict[str, dict[str, int]]:
 def service_identity(host: str) -> str:
     """Changes whenever nats-server is (re)started: its PID and start time."""
     return on(host, "systemctl show nats-server -p MainPID -p ActiveEnterTimestampMonotonic --value").strip()
+
+
+def service_identities(cluster: Cluster) -> dict[str, str]:
+    return {node.host: service_identity(node.host) for node in cluster.nodes}
+
+
+# reset-jetstream.yml in cluster mode, confirmed for the lab's cluster.
+CLUSTER_RESET = ("-e", "reset_jetstream_scope=cluster", "-e", "reset_jetstream_confirm=phx-cluster")
+
+
+def delete_stream(servers: list[str], name: str) -> None:
+    """Deletes a test stream if it is there."""
+
+    async def delete() -> None:
+        nc = await connect(servers, "test-cleanup")
+        try:
+            with contextlib.suppress(nats.js.errors.NotFoundError):
+                await nc.jetstream(timeout=10).delete_stream(name)
+        finally:
+            await nc.close()
+
+    asyncio.run(delete())
 
 
 def assert_nothing_lost(publisher: BackgroundPublisher) -> None:

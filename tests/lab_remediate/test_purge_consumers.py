@@ -5,18 +5,16 @@ exactly the 200 and keeps the live ones, and a re-run reports no change."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
-import nats
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from tests.helpers import LAB_INVENTORY, run_playbook, wait_healthy
+from tests.helpers import LAB_INVENTORY, delete_stream, run_playbook, wait_healthy
 from verify.inventory import Cluster
 from verify.load import connect
 
@@ -33,8 +31,6 @@ async def create_consumers(servers: list[str]) -> None:
     nc = await connect(servers, "purge-test")
     try:
         js = nc.jetstream(timeout=10)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(STREAM)
         await js.add_stream(
             StreamConfig(name=STREAM, subjects=["labconsumers.>"], storage=StorageType.FILE, num_replicas=3)
         )
@@ -119,6 +115,7 @@ def purge(*extra: str) -> dict[str, Any]:
 @pytest.fixture
 def leaked_consumers(deployed_lab: Cluster) -> Iterator[Cluster]:
     wait_healthy(deployed_lab)
+    delete_stream(deployed_lab.client_urls, STREAM)
     asyncio.run(create_consumers(deployed_lab.client_urls))
     time.sleep(STALE_AFTER + 1)
     stop = threading.Event()
@@ -128,16 +125,7 @@ def leaked_consumers(deployed_lab: Cluster) -> Iterator[Cluster]:
     yield deployed_lab
     stop.set()
     busy.join(30)
-    asyncio.run(_delete_stream(deployed_lab.client_urls))
-
-
-async def _delete_stream(servers: list[str]) -> None:
-    nc = await connect(servers, "purge-test")
-    try:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await nc.jetstream(timeout=10).delete_stream(STREAM)
-    finally:
-        await nc.close()
+    delete_stream(deployed_lab.client_urls, STREAM)
 
 
 def test_report_then_delete_exactly_the_leaked_consumers(leaked_consumers: Cluster) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,8 @@ from tests.helpers import (
     on,
     recap,
     run_playbook,
+    service_identities,
     service_identity,
-    wait_healthy,
 )
 from verify.inventory import Cluster
 from verify.load import BackgroundPublisher
@@ -31,15 +30,6 @@ pytestmark = pytest.mark.lab
 PLAYBOOK = "remediate/remount-storage.yml"
 TARGET = "nats-2"
 STORE = f"/mnt/cimstor-jetstream/{TARGET}"
-
-
-@pytest.fixture
-def healthy_lab(deployed_lab: Cluster) -> Iterator[Cluster]:
-    """The deployed lab, healthy before the test and healed after it."""
-    wait_healthy(deployed_lab)
-    yield deployed_lab
-    nats_lab("heal")
-    wait_healthy(deployed_lab)
 
 
 def storage_is_stale(host: str) -> bool:
@@ -54,12 +44,12 @@ def inject_stale_storage(host: str) -> None:
 
 
 def test_healthy_cluster_is_left_alone(healthy_lab: Cluster) -> None:
-    before = {node.host: service_identity(node.host) for node in healthy_lab.nodes}
+    before = service_identities(healthy_lab)
     result = run_playbook(PLAYBOOK, LAB_INVENTORY)
     assert result.returncode == 0, result.stdout[-3000:]
     assert {host: counts["changed"] for host, counts in recap(result.stdout).items()} == dict.fromkeys(before, 0)
     assert "ok, left alone" in result.stdout
-    assert {node.host: service_identity(node.host) for node in healthy_lab.nodes} == before
+    assert service_identities(healthy_lab) == before
 
 
 def test_check_mode_on_stale_storage_changes_nothing(healthy_lab: Cluster) -> None:
@@ -123,7 +113,7 @@ def test_stale_storage_under_load_is_found_and_remounted_with_nothing_lost(
 
 
 def test_named_nodes_are_remounted_and_unknown_names_refused(healthy_lab: Cluster) -> None:
-    before = {node.host: service_identity(node.host) for node in healthy_lab.nodes}
+    before = service_identities(healthy_lab)
     refused = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", "remount_storage_nodes=nats-3,nats-7")
     assert refused.returncode != 0
     assert "remount_storage_nodes names nats-7, not members" in " ".join(refused.stdout.split())
@@ -131,7 +121,7 @@ def test_named_nodes_are_remounted_and_unknown_names_refused(healthy_lab: Cluste
     assert result.returncode == 0, result.stdout[-3000:]
     changed = {host: counts["changed"] for host, counts in recap(result.stdout).items()}
     assert changed["nats-3"] > 0 and changed["nats-1"] == changed["nats-2"] == 0, changed
-    after = {node.host: service_identity(node.host) for node in healthy_lab.nodes}
+    after = service_identities(healthy_lab)
     assert after["nats-3"] != before["nats-3"] and {h: after[h] for h in ("nats-1", "nats-2")} == {
         h: before[h] for h in ("nats-1", "nats-2")
     }
@@ -139,14 +129,14 @@ def test_named_nodes_are_remounted_and_unknown_names_refused(healthy_lab: Cluste
 
 def test_every_node_stale_needs_all_at_once_then_recovers(healthy_lab: Cluster, tmp_path: Path) -> None:
     hosts = [node.host for node in healthy_lab.nodes]
-    before = {host: service_identity(host) for host in hosts}
+    before = service_identities(healthy_lab)
     for host in hosts:
         assert nats_lab("fault", "stale-storage", host).returncode == 0
     refused = run_playbook(PLAYBOOK, LAB_INVENTORY)
     assert refused.returncode != 0
     assert "stale on every node" in " ".join(refused.stdout.split()), refused.stdout[-3000:]
     assert all(storage_is_stale(host) for host in hosts)
-    assert {host: service_identity(host) for host in hosts} == before
+    assert service_identities(healthy_lab) == before
 
     result = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", "remount_storage_all_at_once=true")
     assert result.returncode == 0, result.stdout[-4000:]

@@ -10,10 +10,9 @@ confirmation, --check and a cluster that cannot spare the node change nothing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
+import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +21,15 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from tests.helpers import (
+    CLUSTER_RESET,
     LAB_INVENTORY,
     assert_nothing_lost,
+    delete_stream,
     nats_lab,
     nats_verify,
     on,
     run_playbook,
+    service_identities,
     service_identity,
     wait_healthy,
 )
@@ -40,18 +42,6 @@ pytestmark = pytest.mark.lab
 PLAYBOOK = "remediate/reset-jetstream.yml"
 TARGET = "nats-2"
 STREAM = "LAB_RESET"
-
-
-@pytest.fixture
-def healthy_lab(deployed_lab: Cluster) -> Iterator[Cluster]:
-    wait_healthy(deployed_lab)
-    yield deployed_lab
-    nats_lab("heal")
-    wait_healthy(deployed_lab)
-
-
-def identities(cluster: Cluster) -> dict[str, str]:
-    return {n.host: service_identity(n.host) for n in cluster.nodes}
 
 
 def backups(host: str) -> list[str]:
@@ -72,7 +62,7 @@ def replica_states(cluster: Cluster, stream: str) -> dict[str, tuple[int, int, i
 
 
 def test_unclear_requests_change_nothing(healthy_lab: Cluster) -> None:
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     for args, message in (
         ([], "Node mode needs the node to reset: -e reset_jetstream_node=<one of nats-1, nats-2, nats-3>"),
         (["-e", "reset_jetstream_node=nats-9"], "(got: nats-9)"),
@@ -89,12 +79,12 @@ def test_unclear_requests_change_nothing(healthy_lab: Cluster) -> None:
         result = run_playbook(PLAYBOOK, LAB_INVENTORY, *args)
         assert result.returncode != 0
         assert message in " ".join(result.stdout.split()), result.stdout[-2000:]
-    assert identities(healthy_lab) == before
+    assert service_identities(healthy_lab) == before
     assert "jetstream" in backups(TARGET)
 
 
 def test_check_mode_changes_nothing(healthy_lab: Cluster) -> None:
-    before, stored = identities(healthy_lab), backups(TARGET)
+    before, stored = service_identities(healthy_lab), backups(TARGET)
     result = run_playbook(
         PLAYBOOK,
         LAB_INVENTORY,
@@ -105,7 +95,7 @@ def test_check_mode_changes_nothing(healthy_lab: Cluster) -> None:
         f"reset_jetstream_confirm={TARGET}",
     )
     assert result.returncode == 0, result.stdout[-3000:]
-    assert identities(healthy_lab) == before and backups(TARGET) == stored
+    assert service_identities(healthy_lab) == before and backups(TARGET) == stored
 
 
 def test_node_mode_refuses_when_the_others_cannot_hold_quorum(healthy_lab: Cluster) -> None:
@@ -153,8 +143,6 @@ async def _fill_stream(servers: list[str]) -> None:
     nc = await connect(servers, "reset-test")
     try:
         js = nc.jetstream(timeout=10)
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await js.delete_stream(STREAM)
         await js.add_stream(
             StreamConfig(name=STREAM, subjects=["labreset.>"], storage=StorageType.FILE, num_replicas=3)
         )
@@ -183,12 +171,10 @@ async def _dump_stream(servers: list[str]) -> list[tuple[Any, ...]]:
         await nc.close()
 
 
-async def _delete_stream(servers: list[str]) -> None:
-    nc = await connect(servers, "reset-test")
-    try:
-        await nc.jetstream(timeout=10).delete_stream(STREAM)
-    finally:
-        await nc.close()
+def reset_cluster(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """Cluster mode, its snapshots kept under tmp_path."""
+    snapshots = f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}"
+    return run_playbook(PLAYBOOK, LAB_INVENTORY, *CLUSTER_RESET, "-e", snapshots, *extra, timeout=900)
 
 
 def corrupt_meta_state(host: str) -> None:
@@ -199,6 +185,7 @@ def corrupt_meta_state(host: str) -> None:
 
 def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: Cluster, tmp_path: Path) -> None:
     servers = healthy_lab.client_urls
+    delete_stream(servers, STREAM)
     asyncio.run(_fill_stream(servers))
     before = asyncio.run(_dump_stream(servers))
     assert len(before) == 499
@@ -207,19 +194,7 @@ def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: C
     stored = {node.host: backups(node.host) for node in healthy_lab.nodes}
 
     started = time.monotonic()
-    result = run_playbook(
-        PLAYBOOK,
-        LAB_INVENTORY,
-        "-e",
-        "reset_jetstream_scope=cluster",
-        "-e",
-        "reset_jetstream_confirm=phx-cluster",
-        "-e",
-        "reset_jetstream_restore=true",
-        "-e",
-        f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}",
-        timeout=900,
-    )
+    result = reset_cluster(tmp_path, "-e", "reset_jetstream_restore=true")
     elapsed = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-4000:]
     assert (tmp_path / "snapshots" / "manifest.json").exists()
@@ -230,49 +205,30 @@ def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: C
     assert len(set(replica_states(healthy_lab, STREAM).values())) == 1
     code, _, _, output = nats_verify(tmp_path)
     assert code == 0, output[-3000:]
-    asyncio.run(_delete_stream(servers))
+    delete_stream(servers, STREAM)
     print(
         f"reset-jetstream cluster mode (snapshot, wipe, cold start, restore): {elapsed:.1f} s; 499 of 499 messages back"
     )
 
 
 def test_cluster_mode_check_changes_nothing(healthy_lab: Cluster, tmp_path: Path) -> None:
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     stored = {node.host: backups(node.host) for node in healthy_lab.nodes}
-    result = run_playbook(
-        PLAYBOOK,
-        LAB_INVENTORY,
-        "--check",
-        "-e",
-        "reset_jetstream_scope=cluster",
-        "-e",
-        "reset_jetstream_confirm=phx-cluster",
-        "-e",
-        f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}",
-    )
+    result = reset_cluster(tmp_path, "--check")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert identities(healthy_lab) == before
+    assert service_identities(healthy_lab) == before
     assert {node.host: backups(node.host) for node in healthy_lab.nodes} == stored
     assert not (tmp_path / "snapshots" / "manifest.json").exists()
 
 
 def test_cluster_mode_stops_everywhere_when_one_store_fails(healthy_lab: Cluster, tmp_path: Path) -> None:
     """nats-3's store is stale: the run must stop before it touches nats-1 or nats-2 either."""
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     stored = {node.host: backups(node.host) for node in healthy_lab.nodes if node.host != "nats-3"}
     assert nats_lab("fault", "stale-storage", "nats-3").returncode == 0
-    result = run_playbook(
-        PLAYBOOK,
-        LAB_INVENTORY,
-        "-e",
-        "reset_jetstream_scope=cluster",
-        "-e",
-        "reset_jetstream_confirm=phx-cluster",
-        "-e",
-        f"reset_jetstream_snapshot_dir={tmp_path / 'snapshots'}",
-    )
+    result = reset_cluster(tmp_path)
     assert result.returncode != 0
     assert "The store on nats-3 fails its probe" in " ".join(result.stdout.split()), result.stdout[-3000:]
-    assert identities(healthy_lab) == before
+    assert service_identities(healthy_lab) == before
     assert {host: backups(host) for host in stored} == stored
     assert not (tmp_path / "snapshots").exists()

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -16,8 +15,7 @@ from tests.helpers import (
     assert_nothing_lost,
     nats_lab,
     run_playbook,
-    service_identity,
-    wait_healthy,
+    service_identities,
 )
 from verify import monitor
 from verify.inventory import Cluster
@@ -29,20 +27,8 @@ PLAYBOOK = "rolling-restart.yml"
 CURRENT, OTHER = "2.15.1", "2.14.6"
 
 
-@pytest.fixture
-def healthy_lab(deployed_lab: Cluster) -> Iterator[Cluster]:
-    wait_healthy(deployed_lab)
-    yield deployed_lab
-    nats_lab("heal")
-    wait_healthy(deployed_lab)
-
-
 def versions(cluster: Cluster) -> dict[str, str]:
     return {n.host: monitor.get_json(n.monitor_url, "/varz")["version"] for n in cluster.nodes}
-
-
-def identities(cluster: Cluster) -> dict[str, str]:
-    return {n.host: service_identity(n.host) for n in cluster.nodes}
 
 
 def restart_order(json_stdout: str) -> list[str]:
@@ -77,36 +63,36 @@ def report(what: str, publisher: BackgroundPublisher, elapsed: float) -> None:
 
 def test_refuses_to_start_on_an_unhealthy_cluster(healthy_lab: Cluster) -> None:
     assert nats_lab("fault", "stop", "nats-3").returncode == 0
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     result = run_playbook(PLAYBOOK, LAB_INVENTORY)
     assert result.returncode != 0
     output = " ".join(result.stdout.split())
     assert "nats-3 is not healthy" in output, output[-3000:]
-    assert identities(healthy_lab) == before
+    assert service_identities(healthy_lab) == before
 
 
 def test_check_mode_restarts_nothing(healthy_lab: Cluster) -> None:
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     result = run_playbook(PLAYBOOK, LAB_INVENTORY, "--check")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert identities(healthy_lab) == before
+    assert service_identities(healthy_lab) == before
 
 
 def test_restart_under_load_loses_nothing(healthy_lab: Cluster) -> None:
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     publisher, elapsed = roll_under_load(healthy_lab)
-    after = identities(healthy_lab)
+    after = service_identities(healthy_lab)
     assert all(after[host] != before[host] for host in before), (before, after)
     assert_nothing_lost(publisher)
     report("rolling restart", publisher, elapsed)
 
 
 def test_version_change_needs_to_be_asked_for(healthy_lab: Cluster) -> None:
-    before = identities(healthy_lab)
+    before = service_identities(healthy_lab)
     result = run_playbook(PLAYBOOK, LAB_INVENTORY, "-e", f"nats_server_version={OTHER}")
     assert result.returncode != 0
     assert "nats_server_upgrade=true" in " ".join(result.stdout.split()), result.stdout[-3000:]
-    assert identities(healthy_lab) == before and set(versions(healthy_lab).values()) == {CURRENT}
+    assert service_identities(healthy_lab) == before and set(versions(healthy_lab).values()) == {CURRENT}
 
 
 def test_version_change_each_way_under_load_loses_nothing(healthy_lab: Cluster) -> None:
