@@ -12,6 +12,9 @@ LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-clie
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 export PATH := $(CURDIR)/$(BIN):$(PATH)
+# The lab's vaulted secrets open with the lab's own vault password (committed: lab-only secrets).
+# Production's vault ids come from the operator (--vault-id phx@prompt).
+export ANSIBLE_VAULT_IDENTITY_LIST ?= lab@$(CURDIR)/inventory/lab.vault-password
 
 .PHONY: help setup lab-deps lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
 
@@ -78,6 +81,7 @@ bench: setup lab-deps
 	$(BIN)/python -m benchmarks.deploy
 	$(BIN)/python -m benchmarks.eventstore
 	$(BIN)/python -m benchmarks.remediation
+	$(BIN)/python -m benchmarks.security
 
 clean: lab-down
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis

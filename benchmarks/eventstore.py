@@ -24,7 +24,7 @@ from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
 from verify import eventstore as es
-from verify.inventory import load_cluster
+from verify.inventory import Cluster, load_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -108,8 +108,8 @@ async def replay_rates(nc: Client) -> tuple[float, float]:
     return ours, ordered
 
 
-async def eventstore_figures(servers: list[str]) -> dict[str, float]:
-    nc = await nats.connect(servers=servers, connect_timeout=3)
+async def eventstore_figures(cluster: Cluster) -> dict[str, float]:
+    nc = await nats.connect(servers=cluster.client_urls, connect_timeout=3, **cluster.login())
     js = nc.jetstream(timeout=10)
     try:
         await js.add_stream(
@@ -149,7 +149,7 @@ def main() -> None:
     finally:
         subprocess.run([str(BIN / "nats-lab"), "heal", "nats-3"], cwd=REPO, capture_output=True, check=True)
     time.sleep(5)
-    f = asyncio.run(eventstore_figures(cluster.client_urls))
+    f = asyncio.run(eventstore_figures(cluster))
     print(f"{'figure':48} {'value':>12} {'baseline':>12} {'ratio':>8}  goal")
     print(f"{'nats-verify wall, healthy (s)':48} {healthy:12.2f} {'':>12} {'':>8}  <= 10 s")
     print(f"{'nats-verify wall, nats-3 stopped (s)':48} {degraded:12.2f} {'':>12} {'':>8}  <= 30 s")

@@ -31,7 +31,7 @@ def playbook(name: str, *extra: str) -> float:
 
 
 def under_load(cluster: Cluster, what: str, action: Callable[[], float]) -> Row:
-    with BackgroundPublisher(cluster.client_urls, stream="LAB_PROBE_BENCH", subject="labprobe.bench") as publisher:
+    with BackgroundPublisher(cluster, stream="LAB_PROBE_BENCH", subject="labprobe.bench") as publisher:
         time.sleep(1)
         elapsed = action()
         time.sleep(1)
@@ -52,8 +52,8 @@ def remount(cluster: Cluster) -> float:
     return elapsed
 
 
-async def leak_consumers(servers: list[str], count: int) -> None:
-    nc = await connect(servers, "bench")
+async def leak_consumers(cluster: Cluster, count: int) -> None:
+    nc = await connect(cluster, "bench")
     try:
         js = nc.jetstream(timeout=10)
         await js.add_stream(
@@ -109,8 +109,8 @@ def main() -> None:
     )
     nats_lab("heal")
     wait_healthy(cluster)
-    delete_stream(cluster.client_urls, "LAB_BENCH_CONSUMERS")
-    asyncio.run(leak_consumers(cluster.client_urls, 200))
+    delete_stream(cluster, "LAB_BENCH_CONSUMERS")
+    asyncio.run(leak_consumers(cluster, 200))
     time.sleep(6)
     purge = playbook(
         "remediate/purge-consumers.yml",
@@ -120,7 +120,7 @@ def main() -> None:
         "jetstream_streams_purge_delete=true",
     )
     rows.append(("purge-consumers, 200 leaked deleted", purge, "report + delete in one run"))
-    delete_stream(cluster.client_urls, "LAB_BENCH_CONSUMERS")
+    delete_stream(cluster, "LAB_BENCH_CONSUMERS")
     reset_all = playbook("remediate/reset-jetstream.yml", *CLUSTER_RESET)
     rows.append(("reset-jetstream, cluster mode with restore", reset_all, "full outage by design; no load"))
     wait_healthy(cluster)

@@ -70,6 +70,10 @@ def up(lab: Lab) -> int:
         say("lab is already up: nothing to do")
         print_summary(lab)
         return 0
+    if faults.load(lab) and not net.bridge_exists(lab):
+        # Recorded against hosts that are gone (the bridge with them): nothing left to heal.
+        say("forgetting faults recorded for a lab that is no longer running")
+        faults.save(lab, {})
     if faults.load(lab):
         say("healing active faults first")
         faults.heal(lab, list(lab.hosts), recorded_base(lab))

@@ -10,7 +10,19 @@ from typing import Any
 import jinja2
 from hypothesis import strategies as st
 
-from tests.helpers import REPO
+from tests.helpers import OFFLINE_PASSWORDS, OFFLINE_PKI, REPO, load_filter_plugin
+
+_secrets = load_filter_plugin("nats_secrets")
+# Computed once: bcrypt is slow on purpose, and the template only needs the hashes.
+PASSWORD_HASHES = {
+    f"_{name}_hash": _secrets.nats_bcrypt(password, f"offline/{name}") for name, password in OFFLINE_PASSWORDS.items()
+}
+# Every generated node uses nats-1's files: nats-server -t loads them, nothing checks the names.
+TLS_FILES = {
+    "_nats_server_tls_ca": str(OFFLINE_PKI / "ca.crt"),
+    "_nats_server_tls_cert": str(OFFLINE_PKI / "nats-1.crt"),
+    "_nats_server_tls_key": str(OFFLINE_PKI / "nats-1.key"),
+}
 
 NAME_ALPHABET = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_"
 names = st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9_-]{0,20}\Z")
@@ -35,13 +47,16 @@ class Cluster:
             "hostvars": hostvars,
             "nats_server_cluster_group": self.group,
             "_nats_server_pid_file": "/run/nats-server/nats-server.pid",
+            **PASSWORD_HASHES,
+            **TLS_FILES,
         }
 
     def preflight_settings(self, host: str) -> dict[str, Any]:
         """What the preflight task collects for `host` (see roles/nats_server/tasks/preflight.yml)."""
         ctx = self.context(host)
-        keys = [k for k in ctx if k.startswith(("nats_server_", "jetstream_storage_"))]
-        return {"host": host} | {k: ctx[k] for k in keys}
+        keys = [k for k in ctx if k.startswith(("nats_server_", "jetstream_storage_")) and k not in OFFLINE_PASSWORDS]
+        secrets = {name: _secrets.nats_secret_summary(ctx.get(name)) for name in OFFLINE_PASSWORDS}
+        return {"host": host, "secrets": secrets} | {k: ctx[k] for k in keys}
 
 
 @st.composite
@@ -73,6 +88,24 @@ def clusters(draw: st.DrawFn) -> Cluster:
         "jetstream_storage_mount_options": "rw,hard,noatime",
         "jetstream_storage_marker_name": ".jetstream-owner",
         "jetstream_storage_owner": "nats",
+        "nats_server_tls_ca_file": TLS_FILES["_nats_server_tls_ca"],
+        "nats_server_tls_cert_file": TLS_FILES["_nats_server_tls_cert"],
+        "nats_server_tls_key_file": TLS_FILES["_nats_server_tls_key"],
+        "nats_server_tls_cert_content_set": False,
+        "nats_server_tls_key_content_set": False,
+        "nats_server_tls_timeout_seconds": draw(st.integers(1, 10)),
+        "nats_server_app_account": "APP",
+        "nats_server_app_user": draw(names.filter(lambda name: name != "sys")),
+        "nats_server_app_jetstream_limits": {
+            "max_memory": draw(sizes),
+            "max_file": draw(sizes),
+            "max_streams": draw(st.integers(1, 1000)),
+            "max_consumers": draw(st.integers(1, 10000)),
+        },
+        "nats_server_system_account": "SYS",
+        "nats_server_system_user": "sys",
+        "nats_server_route_user": "route",
+        **OFFLINE_PASSWORDS,
     }
     hosts = {}
     for name, address in zip(host_names, addresses, strict=True):
@@ -99,7 +132,8 @@ def render_config(context: dict[str, Any]) -> str:
     return env.get_template("nats-server.conf.j2").render(context)
 
 
-ROUTE_RE = re.compile(r'"nats-route://([^"]+)"')
+# host:port of each route URL (the route user and password before '@' left out).
+ROUTE_RE = re.compile(r'"nats-route://(?:[^@"/]+@)?([^"]+)"')
 
 
 def routes_of(config_text: str) -> set[str]:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook
+from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, nats_lab, run_playbook
 from verify.inventory import Cluster, load_cluster
 
 LAB_WAS_UP = pytest.StashKey[bool]()
@@ -34,6 +35,23 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
+def offline_pki() -> Path:
+    """A CA and certificates for nats-1..3 in build/test-pki, from the nats_pki role (contacts no
+    host; kept between runs, reissued when close to expiry)."""
+    result = run_playbook(
+        "certificates.yml",
+        LAB_INVENTORY,
+        "-e",
+        "nats_pki_issue_certificates=true",
+        "-e",
+        f"nats_pki_dir={OFFLINE_PKI}",
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    return OFFLINE_PKI
+
+
+@pytest.fixture(scope="session")
 def lab_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     """The lab, up (pytest_sessionfinish takes it down again if the run started it)."""
     request.config.stash[LAB_USED] = True
@@ -47,8 +65,17 @@ def lab_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
 
 
 @pytest.fixture(scope="session")
-def deployed_lab(lab_cluster: Cluster) -> Cluster:
-    """The lab with site.yml applied (a cold deploy on fresh hosts, a converge otherwise)."""
-    result = run_playbook("site.yml", LAB_INVENTORY, timeout=900)
+def deploy_log(lab_cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """site.yml applied to the lab (a cold deploy on fresh hosts, a converge otherwise), at -vvv:
+    the log the secrets check reads."""
+    result = run_playbook("site.yml", LAB_INVENTORY, "-vvv", timeout=900)
+    log = tmp_path_factory.mktemp("deploy") / "site-vvv.log"
+    log.write_text(result.stdout + result.stderr)
     assert result.returncode == 0, f"site.yml failed on the lab:\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    return log
+
+
+@pytest.fixture(scope="session")
+def deployed_lab(lab_cluster: Cluster, deploy_log: Path) -> Cluster:
+    """The lab with site.yml applied."""
     return lab_cluster

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -24,6 +25,44 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NATS_SERVER = BIN / "nats-server"
 LAB_INVENTORY = REPO / "inventory" / "lab"
+# Certificates for offline tests (rendering, nats-server -t, preflight), issued by the nats_pki
+# role into build/ (the `offline_pki` fixture); the lab itself uses .lab/pki.
+OFFLINE_PKI = REPO / "build" / "test-pki"
+# Passwords for offline tests of inventories that keep theirs in a vault this repo does not have.
+OFFLINE_PASSWORDS = {
+    "nats_server_app_password": "offline-test-app-password",
+    "nats_server_system_password": "offline-test-system-password",
+    "nats_server_route_password": "offline-test-route-password",
+}
+
+
+def load_filter_plugin(name: str) -> Any:
+    """One of plugins/filter/*.py as a plain module (they are plain Python)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "plugins" / "filter" / f"{name}.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def offline_vars(directory: Path) -> str:
+    """An extra-vars file (for `-e @file`) that gives any inventory the offline certificates and
+    passwords, so it renders and passes preflight without its vault or its PKI."""
+    path = directory / "offline-vars.yml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "nats_pki_issue_certificates": False,
+                "nats_server_tls_ca_file": str(OFFLINE_PKI / "ca.crt"),
+                "nats_server_tls_cert_file": str(OFFLINE_PKI) + "/{{ inventory_hostname }}.crt",
+                "nats_server_tls_key_file": str(OFFLINE_PKI) + "/{{ inventory_hostname }}.key",
+                **OFFLINE_PASSWORDS,
+            }
+        )
+    )
+    return f"@{path}"
+
+
 PHX_INVENTORY = REPO / "inventory" / "phx"
 
 
@@ -156,11 +195,11 @@ def service_identities(cluster: Cluster) -> dict[str, str]:
 CLUSTER_RESET = ("-e", "reset_jetstream_scope=cluster", "-e", "reset_jetstream_confirm=phx-cluster")
 
 
-def delete_stream(servers: list[str], name: str) -> None:
+def delete_stream(cluster: Cluster, name: str) -> None:
     """Deletes a test stream if it is there."""
 
     async def delete() -> None:
-        nc = await connect(servers, "test-cleanup")
+        nc = await connect(cluster, "test-cleanup")
         try:
             with contextlib.suppress(nats.js.errors.NotFoundError):
                 await nc.jetstream(timeout=10).delete_stream(name)

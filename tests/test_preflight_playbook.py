@@ -59,7 +59,34 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown storage backend": ({"group_vars": {"jetstream_storage_backend": "ceph"}}, "jetstream_storage_backend"),
     "soft nfs mount": ({"group_vars": {"jetstream_storage_mount_options": "rw,soft"}}, "must include 'hard'"),
+    "password missing": ({"group_vars": {"nats_server_app_password": ""}}, "nats_server_app_password is not set"),
+    "password too short": (
+        {"group_vars": {"nats_server_system_password": "tiny-pw-7x"}},
+        "nats_server_system_password must be 16-72 characters long",
+    ),
+    "route password breaks the URL": (
+        {"group_vars": {"nats_server_route_password": "has/slash@and:colon-x7q"}},
+        "nats_server_route_password may only use letters, digits",
+    ),
+    "key given twice": (
+        {"group_vars": {"nats_server_tls_key_content": "-----BEGIN PRIVATE KEY-----\nx7q\n-----END PRIVATE KEY-----"}},
+        "set exactly one of nats_server_tls_key_file and nats_server_tls_key_content",
+    ),
+    "certificate file missing": (
+        {"group_vars": {"nats_pki_issue_certificates": False, "nats_server_tls_ca_file": "/nonexistent/ca.crt"}},
+        "nats_server_tls_ca_file '/nonexistent/ca.crt' does not exist on the controller",
+    ),
+    "one user for two accounts": (
+        {"group_vars": {"nats_server_system_user": "cim"}},
+        "nats_server_app_user and nats_server_system_user must differ",
+    ),
+    "unknown account limit": (
+        {"group_vars": {"nats_server_app_jetstream_limits": {"max_files": "1GB"}}},
+        "nats_server_app_jetstream_limits has unknown keys max_files",
+    ),
 }
+# Secrets a case sets: the refusal must name the variable, never show the value.
+SECRET_KEYS = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
 
 SSH_WRAPPER = """#!/bin/sh
 echo "$@" >> {log}
@@ -109,6 +136,9 @@ def test_site_refuses_broken_inventory_before_touching_hosts(case: str, tmp_path
     assert "Preflight |" in output
     assert "Deploy |" not in output, "a deploy play started after a failed preflight"
     assert ssh_log.read_text() == "", "preflight connected to a host"
+    for key, value in change.get("group_vars", {}).items():
+        if key in SECRET_KEYS and value:
+            assert value not in output, f"{key}'s value shows in the output"
 
 
 def test_the_unbroken_copy_passes_preflight(tmp_path: Path) -> None:

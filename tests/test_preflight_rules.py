@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from tests.clusters import Cluster, clusters
 from tests.helpers import REPO
 
+# The generated clusters name the offline certificates.
+pytestmark = pytest.mark.usefixtures("offline_pki")
+
 
 def _load_rules() -> ModuleType:
     spec = importlib.util.spec_from_file_location("nats_preflight", REPO / "plugins/filter/nats_preflight.py")

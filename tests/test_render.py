@@ -2,14 +2,28 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
+import bcrypt
 import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.clusters import Cluster, clusters, render_config, routes_of
-from tests.helpers import LAB_INVENTORY, NATS_SERVER, PHX_INVENTORY, ansible_env, inventory_vars, run_playbook
+from tests.helpers import (
+    LAB_INVENTORY,
+    NATS_SERVER,
+    OFFLINE_PASSWORDS,
+    PHX_INVENTORY,
+    ansible_env,
+    inventory_vars,
+    offline_vars,
+    run_playbook,
+)
+
+# The generated clusters name the offline certificates.
+pytestmark = pytest.mark.usefixtures("offline_pki")
 
 
 def nats_server_accepts(path: Path) -> subprocess.CompletedProcess[str]:
@@ -47,6 +61,8 @@ def test_inventory_renders_through_ansible(inventory: Path, tmp_path: Path) -> N
         "render-config.yml",
         inventory,
         "-e",
+        offline_vars(tmp_path),
+        "-e",
         f"render_dir={tmp_path}",
         "-e",
         f"nats_server_check_binary={NATS_SERVER}",
@@ -65,3 +81,20 @@ def test_inventory_renders_through_ansible(inventory: Path, tmp_path: Path) -> N
         assert 'domain: "dgx-phx"' in text
         assert f'store_dir: "/mnt/cimstor-jetstream/{host}"' in text
         assert f'listen: "{addresses[host]}:4222"' in text
+        assert_logins_hashed(text)
+
+
+def assert_logins_hashed(text: str) -> None:
+    """Client passwords only as bcrypt hashes that match them; TLS everywhere; a system account."""
+    for name in ("nats_server_app_password", "nats_server_system_password"):
+        assert OFFLINE_PASSWORDS[name] not in text, f"{name} in clear in the config"
+    hashes = re.findall(r'password: "(\$2b\$[^"]+)"', text)
+    assert len(hashes) == 3, hashes  # app, system, route
+    for name in OFFLINE_PASSWORDS:
+        assert any(bcrypt.checkpw(OFFLINE_PASSWORDS[name].encode(), h.encode()) for h in hashes), name
+    # The route password appears only where a dialling member must present it.
+    route_password = OFFLINE_PASSWORDS["nats_server_route_password"]
+    assert all(f":{route_password}@" in line for line in text.splitlines() if route_password in line)
+    assert re.search(r"^https: ", text, re.M) and not re.search(r"^http: ", text, re.M)
+    assert text.count("tls {") == 2 and "verify: true" in text
+    assert 'system_account: "SYS"' in text

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import nats
 from nats.aio.client import Client
@@ -12,7 +13,13 @@ class HasRemaining(Protocol):
     def remaining(self) -> float: ...
 
 
-async def connect(servers: list[str], state: HasRemaining | None = None, name: str = "nats-verify") -> Client:
+async def connect(
+    servers: list[str],
+    state: HasRemaining | None = None,
+    name: str = "nats-verify",
+    login: Mapping[str, Any] | None = None,
+) -> Client:
+    """`login`: user, password and TLS context (Cluster.login())."""
     budget = 2.0 if state is None else min(2.0, max(0.5, state.remaining()))
 
     async def ignore(_: Exception) -> None:
@@ -26,4 +33,5 @@ async def connect(servers: list[str], state: HasRemaining | None = None, name: s
         reconnect_time_wait=0.2,
         allow_reconnect=True,
         error_cb=ignore,
+        **(login or {}),
     )

@@ -6,18 +6,27 @@ the roles' defaults (Ansible's own precedence: role defaults lowest), templated 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import ssl
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+from ansible import constants
+from ansible.cli import CLI
+from ansible.errors import AnsibleError
 from ansible.inventory.manager import InventoryManager
 from ansible.parsing.dataloader import DataLoader
 from ansible.template import Templar, trust_as_template
 from ansible.vars.manager import VariableManager
 
+from verify import monitor
+
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("jetstream_storage", "nats_server")
+# Secrets: kept out of Node.settings (which reports may print); held by Login and Cluster.secrets.
+PASSWORD_VARIABLES = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
+SECRET_VARIABLES = (*PASSWORD_VARIABLES, "nats_server_tls_key_content")
 CLUSTER_GROUP = "nats_cluster"
 # How verify reaches a host over SSH: the same variables the deploy used.
 CONNECTION_VARIABLES = (
@@ -27,6 +36,14 @@ CONNECTION_VARIABLES = (
     "ansible_ssh_private_key_file",
     "ansible_ssh_common_args",
 )
+
+
+@dataclass(frozen=True)
+class Login:
+    """A user of the cluster; the password never shows in a repr."""
+
+    user: str
+    password: str = field(repr=False)
 
 
 @dataclass(frozen=True)
@@ -48,7 +65,7 @@ class Node:
     @property
     def monitor_url(self) -> str:
         host = str(self.settings["nats_server_monitor_host"]).replace("0.0.0.0", self.address)
-        return f"http://{host}:{self.settings['nats_server_monitor_port']}"
+        return f"https://{host}:{self.settings['nats_server_monitor_port']}"
 
     def testinfra_spec(self) -> tuple[str, dict[str, Any]]:
         """(host spec, options) for testinfra.get_host, over the inventory's SSH settings."""
@@ -72,13 +89,29 @@ class Node:
     @property
     def client_url(self) -> str:
         host = str(self.settings["nats_server_client_host"]).replace("0.0.0.0", self.address)
-        return f"nats://{host}:{self.settings['nats_server_client_port']}"
+        return f"tls://{host}:{self.settings['nats_server_client_port']}"
 
 
 @dataclass(frozen=True)
 class Cluster:
     inventory: Path
     nodes: tuple[Node, ...]
+    # The CA on the controller that signed every member's certificate.
+    ca_file: Path
+    app: Login
+    system: Login
+    # Every secret the deploy handles, by where it comes from ("nats_server_route_password",
+    # "nats-1 private key"): what must never show in a log.
+    secrets: dict[str, str] = field(repr=False, default_factory=dict)
+
+    def tls_context(self) -> ssl.SSLContext:
+        """Trusts the cluster's CA only, and checks each server's name (its IP SAN)."""
+        return ssl.create_default_context(cafile=str(self.ca_file))
+
+    def login(self, who: Login | None = None) -> dict[str, Any]:
+        """nats.connect keywords: TLS with the cluster's CA, as `who` (the application user by default)."""
+        who = who or self.app
+        return {"user": who.user, "password": who.password, "tls": self.tls_context()}
 
     def node(self, host: str) -> Node:
         for node in self.nodes:
@@ -122,6 +155,19 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
     if not path.exists():
         raise FileNotFoundError(f"inventory {path} does not exist")
     loader = DataLoader()
+    # Vaulted secrets open with the vault ids Ansible itself is configured with
+    # (ANSIBLE_VAULT_IDENTITY_LIST / ANSIBLE_VAULT_PASSWORD_FILE; the Makefile sets the lab's).
+    # Read now, not at import: the settings may have been set after Ansible was imported.
+    vault_ids = constants.config.get_config_value("DEFAULT_VAULT_IDENTITY_LIST") or []
+    password_file = constants.config.get_config_value("DEFAULT_VAULT_PASSWORD_FILE")
+    loader.set_vault_secrets(
+        CLI.setup_vault_secrets(
+            loader,
+            vault_ids=list(vault_ids),
+            vault_password_files=[password_file] if password_file else [],
+            auto_prompt=False,
+        )
+    )
     manager = InventoryManager(loader=loader, sources=[str(path)])
     variables = VariableManager(loader=loader, inventory=manager)
     members = manager.get_groups_dict().get(group)
@@ -129,13 +175,41 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
         raise ValueError(f"inventory {path} has no hosts in group {group!r}")
     defaults = _role_defaults()
     nodes = []
+    logins: dict[str, Any] = {}
     for name in members:
         host = manager.get_host(name)
         host_vars = dict(defaults) | dict(variables.get_vars(host=host)) | {"inventory_hostname": name}
         templar = Templar(loader=loader, variables=host_vars)
         wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "jetstream_", "lab_"))}
-        settings = {k: templar.template(v) for k, v in wanted.items()}
+        settings = {k: templar.template(v) for k, v in wanted.items() if k not in SECRET_VARIABLES}
+        for variable in PASSWORD_VARIABLES:
+            if variable not in host_vars:
+                raise ValueError(f"{name}: {variable} is not set in inventory {path} (vaulted: docs/security.md)")
+            try:
+                logins[variable] = templar.template(host_vars[variable])
+            except AnsibleError as error:
+                raise ValueError(
+                    f"{name}: cannot read {variable} from inventory {path} ({error.message}); give the vault's "
+                    "password as Ansible takes it: ANSIBLE_VAULT_IDENTITY_LIST or ANSIBLE_VAULT_PASSWORD_FILE "
+                    "(the lab: `make verify` sets it)"
+                ) from error
+        key = templar.template(host_vars.get("nats_server_tls_key_content") or "")
+        key_file = settings.get("nats_server_tls_key_file")
+        if not key and key_file and Path(key_file).is_file():
+            key = Path(key_file).read_text()
+        if key:
+            logins[f"{name} private key"] = key
         address = str(templar.template(host_vars.get("ansible_host", name)))
         connection = {k: templar.template(v) for k, v in host_vars.items() if k in CONNECTION_VARIABLES}
         nodes.append(Node(host=name, address=address, settings=settings, connection=connection))
-    return Cluster(inventory=path, nodes=tuple(nodes))
+    first = nodes[0].settings
+    cluster = Cluster(
+        inventory=path,
+        nodes=tuple(nodes),
+        ca_file=Path(first["nats_server_tls_ca_file"]).resolve(),
+        app=Login(first["nats_server_app_user"], logins["nats_server_app_password"]),
+        system=Login(first["nats_server_system_user"], logins["nats_server_system_password"]),
+        secrets=dict(logins),
+    )
+    monitor.trust([n.monitor_url for n in nodes], cluster.ca_file)
+    return cluster

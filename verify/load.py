@@ -19,6 +19,8 @@ from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
+from verify.inventory import Cluster
+
 # Errors worth retrying while a node restarts or a leader moves: timeouts, no responders / no
 # stream response, 10008 "JetStream system temporarily unavailable" and other API errors, a
 # connection being re-established. All are nats.errors.Error subclasses.
@@ -34,9 +36,10 @@ class PublishTally:
     errors: dict[str, int] = field(default_factory=dict)
 
 
-async def connect(servers: list[str], name: str) -> Client:
+async def connect(cluster: Cluster, name: str) -> Client:
+    """A client that keeps reconnecting (it rides through restarts), as the application user."""
     return await nats.connect(
-        servers=servers,
+        servers=cluster.client_urls,
         name=name,
         connect_timeout=2,
         reconnect_time_wait=0.2,
@@ -44,6 +47,7 @@ async def connect(servers: list[str], name: str) -> Client:
         allow_reconnect=True,
         ping_interval=2,
         max_outstanding_pings=2,
+        **cluster.login(),
     )
 
 
@@ -118,8 +122,8 @@ async def stored_ids(js: JetStreamContext, stream: str, subject: str) -> list[st
 class BackgroundPublisher:
     """Runs publish_until in a thread with its own event loop, for use around a blocking call."""
 
-    def __init__(self, servers: list[str], stream: str = "LAB_PROBE_ROLL", subject: str = "labprobe.roll") -> None:
-        self.servers = servers
+    def __init__(self, cluster: Cluster, stream: str = "LAB_PROBE_ROLL", subject: str = "labprobe.roll") -> None:
+        self.cluster = cluster
         self.stream = stream
         self.subject = subject
         self.tally = PublishTally()
@@ -136,7 +140,7 @@ class BackgroundPublisher:
             self._ready.set()
 
     async def _main(self) -> None:
-        nc = await connect(self.servers, "lab-publisher")
+        nc = await connect(self.cluster, "lab-publisher")
         try:
             js = nc.jetstream(timeout=5)
             with contextlib.suppress(nats.js.errors.NotFoundError):
@@ -166,7 +170,7 @@ class BackgroundPublisher:
         return asyncio.run(self._audit())
 
     async def _audit(self) -> tuple[list[str], list[str]]:
-        nc = await connect(self.servers, "lab-auditor")
+        nc = await connect(self.cluster, "lab-auditor")
         try:
             js = nc.jetstream(timeout=5)
             stored = await stored_ids(js, self.stream, self.subject)

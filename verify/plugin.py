@@ -23,7 +23,7 @@ import pytest
 from verify import monitor
 from verify.inventory import Cluster, Node, load_cluster
 
-GROUPS = ("host", "cluster", "eventstore")
+GROUPS = ("host", "cluster", "security", "eventstore")
 # Each failing check names what to do next; pages live in docs/runbooks/.
 RUNBOOKS = {
     "service": "journalctl -u nats-server on the node; start it with playbooks/site.yml (docs/runbooks/README.md)",
@@ -33,6 +33,8 @@ RUNBOOKS = {
     "consumers": "stale consumers: playbooks/remediate/purge-consumers.yml (docs/runbooks/purge-consumers.md)",
     "streams": "a declared stream differs: run playbooks/streams.yml (--check --diff shows the change)",
     "eventstore": "event-store operations fail: fix the cluster checks above first",
+    "security": "TLS, logins and secrets: docs/security.md; re-run playbooks/site.yml",
+    "certificates": "renew the certificates (the lab: playbooks/site.yml reissues them); docs/security.md",
 }
 
 
@@ -57,6 +59,8 @@ class RunState:
     hosts: dict[str, Any] = field(default_factory=dict)
     # Lines for the report under the summary (account usage, stream table), as `nats` shows them.
     report: list[str] = field(default_factory=list)
+    # Problems that do not fail a check yet (a certificate expiring soon), shown in the summary.
+    warnings: list[str] = field(default_factory=list)
 
     def remaining(self) -> float:
         return self.deadline - (time.monotonic() - self.started)
@@ -78,6 +82,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="more consumers than this on one stream is flagged as stale-consumer build-up (default 200)",
     )
     group.addoption("--min-free-bytes", type=int, default=1 << 30, help="least free space on the share (default 1 GiB)")
+    group.addoption(
+        "--cert-warn-days",
+        type=int,
+        default=30,
+        help="warn when a server certificate expires within this many days (default 30)",
+    )
+    group.addoption(
+        "--deploy-log",
+        action="append",
+        default=[],
+        help="an ansible-playbook log (e.g. of a -vvv deploy) that must contain none of the secrets; repeatable",
+    )
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -88,7 +104,10 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     state = RunState(deadline=config.getoption("--verify-deadline"))
     config.stash[STATE_KEY] = state
-    cluster = load_cluster(config.getoption("--inventory"))
+    try:
+        cluster = load_cluster(config.getoption("--inventory"))
+    except (ValueError, OSError) as error:
+        raise pytest.UsageError(str(error)) from error
     config.stash[CLUSTER_KEY] = cluster
     bridge = cluster.nodes[0].settings.get("lab_bridge_name")
     if bridge and not Path(f"/sys/class/net/{bridge}").exists():
@@ -249,6 +268,10 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
             write(f"      - {result.nodeid.split('::')[-1]}: {result.symptom}")
             if result.runbook:
                 write(f"        next: {result.runbook}")
+    if state.warnings:
+        write("  warnings:")
+        for line in state.warnings:
+            write(f"    WARNING {line}")
     if state.report:
         write("  report:")
         for line in state.report:
@@ -264,6 +287,7 @@ def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: pyte
                     "failed": sum(r.outcome == "failed" for r in state.results),
                     "checks": [r.__dict__ for r in state.results],
                     "report": state.report,
+                    "warnings": state.warnings,
                 },
                 indent=2,
             )

@@ -9,6 +9,7 @@ Plain Python so the same rules are unit-tested directly (tests/test_preflight_ru
 from __future__ import annotations
 
 import ipaddress
+import os
 import posixpath
 import re
 from collections import Counter
@@ -33,6 +34,11 @@ ADDRESS_VARIABLES = (
     "nats_server_cluster_host",
     "nats_server_monitor_host",
 )
+# Secrets the inventory must give (from Ansible Vault); the preflight sees only their summaries.
+PASSWORD_VARIABLES = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
+MINIMUM_PASSWORD_LENGTH = 16
+BCRYPT_MAXIMUM_BYTES = 72
+ACCOUNT_LIMIT_KEYS = {"max_memory", "max_file", "max_streams", "max_consumers"}
 # Addresses a peer cannot dial; fine for listeners, not for the node's own address.
 UNROUTABLE = {"0.0.0.0", "::"}
 
@@ -69,7 +75,17 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
     def bad(message: str) -> None:
         problems.append(f"{host}: {message}")
 
-    for check in (_check_ports, _check_addresses, _check_names, _check_release, _check_lame_duck, _check_storage):
+    for check in (
+        _check_ports,
+        _check_addresses,
+        _check_names,
+        _check_release,
+        _check_lame_duck,
+        _check_storage,
+        _check_tls,
+        _check_logins,
+        _check_accounts,
+    ):
         check(node, bad)
     return problems
 
@@ -163,6 +179,69 @@ def _check_storage(node: Mapping[str, Any], bad: Report) -> None:
                 "jetstream_storage_mount_options must include 'hard' and not 'soft' "
                 "(a soft mount turns NFS timeouts into JetStream write errors)"
             )
+
+
+def _check_tls(node: Mapping[str, Any], bad: Report) -> None:
+    # Certificates the controller issues itself (nats_pki) are created after the preflight.
+    must_exist = not node.get("nats_pki_issue_certificates")
+    ca_file = str(node.get("nats_server_tls_ca_file") or "")
+    if not ca_file:
+        bad("nats_server_tls_ca_file is not set (the CA certificate file on the controller)")
+    elif must_exist and not os.path.isfile(ca_file):
+        bad(f"nats_server_tls_ca_file {ca_file!r} does not exist on the controller")
+    for what in ("cert", "key"):
+        path = str(node.get(f"nats_server_tls_{what}_file") or "")
+        has_content = bool(node.get(f"nats_server_tls_{what}_content_set"))
+        if bool(path) == has_content:
+            bad(f"set exactly one of nats_server_tls_{what}_file and nats_server_tls_{what}_content")
+        elif path and must_exist and not os.path.isfile(path):
+            bad(f"nats_server_tls_{what}_file {path!r} does not exist on the controller")
+    timeout = _as_int(node.get("nats_server_tls_timeout_seconds"))
+    if timeout is None or not 1 <= timeout <= 60:
+        bad("nats_server_tls_timeout_seconds must be 1-60")
+
+
+def _check_logins(node: Mapping[str, Any], bad: Report) -> None:
+    secrets = node.get("secrets") or {}
+    for variable in PASSWORD_VARIABLES:
+        summary = secrets.get(variable) or {}
+        if not summary.get("set"):
+            bad(f"{variable} is not set: keep it in the inventory's vault.yml (docs/security.md)")
+        elif not MINIMUM_PASSWORD_LENGTH <= summary.get("length", 0) <= BCRYPT_MAXIMUM_BYTES:
+            bad(f"{variable} must be {MINIMUM_PASSWORD_LENGTH}-{BCRYPT_MAXIMUM_BYTES} characters long")
+    route = secrets.get("nats_server_route_password") or {}
+    if route.get("set") and not route.get("url_safe"):
+        bad("nats_server_route_password may only use letters, digits, '.', '_', '~' and '-' (it is part of a URL)")
+
+
+def _check_accounts(node: Mapping[str, Any], bad: Report) -> None:
+    for variable in (
+        "nats_server_app_account",
+        "nats_server_system_account",
+        "nats_server_app_user",
+        "nats_server_system_user",
+        "nats_server_route_user",
+    ):
+        value = str(node.get(variable, ""))
+        if not NAME_RE.match(value):
+            bad(f"{variable} {value!r} must be 1-64 letters, digits, '-' or '_'")
+    if node.get("nats_server_app_account") == node.get("nats_server_system_account"):
+        bad("nats_server_app_account and nats_server_system_account must differ")
+    if node.get("nats_server_app_user") == node.get("nats_server_system_user"):
+        bad("nats_server_app_user and nats_server_system_user must differ")
+    limits = node.get("nats_server_app_jetstream_limits")
+    if not isinstance(limits, Mapping):
+        bad("nats_server_app_jetstream_limits must be a mapping of max_memory, max_file, max_streams, max_consumers")
+        return
+    unknown = sorted(set(limits) - ACCOUNT_LIMIT_KEYS)
+    if unknown:
+        bad(f"nats_server_app_jetstream_limits has unknown keys {', '.join(unknown)}")
+    for key in ("max_memory", "max_file"):
+        if key in limits and not SIZE_RE.match(str(limits[key])):
+            bad(f"nats_server_app_jetstream_limits.{key} {limits[key]!r} is not a size like 4GB")
+    for key in ("max_streams", "max_consumers"):
+        if key in limits and (_as_int(limits[key]) is None or _as_int(limits[key]) == 0):
+            bad(f"nats_server_app_jetstream_limits.{key} {limits[key]!r} must be a positive whole number")
 
 
 def _duplicates(nodes: Sequence[Mapping[str, Any]], variable: str) -> dict[str, list[str]]:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import ssl
+from collections.abc import Mapping
 from typing import Any
 
 try:
@@ -18,6 +20,14 @@ except ImportError:  # the modules report a missing nats-py themselves
     HAS_NATS = False
 
 JS_API = "$JS.API"
+
+# How every module reaches the cluster: its argument_spec takes these, `connect` uses them.
+CONNECTION_ARGUMENT_SPEC: dict[str, Any] = {
+    "servers": {"type": "list", "elements": "str", "required": True},
+    "user": {"type": "str"},
+    "password": {"type": "str", "no_log": True},
+    "tls_ca_file": {"type": "path"},
+}
 STREAM_NOT_FOUND = 10059
 
 
@@ -83,17 +93,34 @@ async def stream_info(nc: Any, name: str, timeout: float) -> dict[str, Any] | No
         raise
 
 
-async def connect(servers: list[str], timeout: float) -> Any:
+def login_options(params: Mapping[str, Any]) -> dict[str, Any]:
+    """nats.connect keywords for the user, password and CA among a module's parameters."""
+    options: dict[str, Any] = {}
+    if params.get("user"):
+        options["user"] = params["user"]
+        options["password"] = params.get("password") or ""
+    if params.get("tls_ca_file"):
+        options["tls"] = ssl.create_default_context(cafile=params["tls_ca_file"])
+    return options
+
+
+async def connect(params: Mapping[str, Any], timeout: float) -> Any:
     """A connection within `timeout`, or ConnectError naming the servers and the last error (which
-    nats-py would otherwise print to stderr)."""
+    nats-py would otherwise print to stderr). `params` holds CONNECTION_ARGUMENT_SPEC's keys."""
+    servers = list(params["servers"])
     errors: list[str] = []
 
     async def note(error: Exception) -> None:
         errors.append(f"{type(error).__name__}: {error}")
 
     try:
+        options = login_options(params)
+    except (OSError, ssl.SSLError) as error:
+        raise ConnectError(f"cannot read tls_ca_file {params.get('tls_ca_file')}: {error}") from error
+    try:
         return await asyncio.wait_for(
-            nats.connect(servers=servers, connect_timeout=timeout, max_reconnect_attempts=2, error_cb=note), timeout
+            nats.connect(servers=servers, connect_timeout=timeout, max_reconnect_attempts=2, error_cb=note, **options),
+            timeout,
         )
     except (TimeoutError, nats.errors.Error, OSError) as error:
         last = errors[-1] if errors else f"{type(error).__name__}: {error}"

@@ -25,10 +25,19 @@ description:
     quiet period of such streams.
 options:
   servers:
-    description: Client URLs of the cluster (nats://host:port).
+    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
     type: list
     elements: str
     required: true
+  user:
+    description: The user to log in as (the application account's), if the cluster requires one.
+    type: str
+  password:
+    description: Its password.
+    type: str
+  tls_ca_file:
+    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
+    type: path
   streams:
     description: Streams to examine; empty means every stream in the account.
     type: list
@@ -71,6 +80,9 @@ EXAMPLES = r"""
 - name: Consumers | report stale consumers
   jetstream_consumers:
     servers: "{{ jetstream_streams_servers }}"
+    user: "{{ jetstream_streams_user }}"
+    password: "{{ jetstream_streams_password }}"
+    tls_ca_file: "{{ jetstream_streams_tls_ca_file }}"
     streams: [INFRASTRUCTURE_EVENTS]
     stale_after: 2h
   delegate_to: localhost
@@ -84,6 +96,9 @@ EXAMPLES = r"""
 - name: Consumers | delete leaked ephemeral-style consumers and stop new leaks
   jetstream_consumers:
     servers: "{{ jetstream_streams_servers }}"
+    user: "{{ jetstream_streams_user }}"
+    password: "{{ jetstream_streams_password }}"
+    tls_ca_file: "{{ jetstream_streams_tls_ca_file }}"
     stale_after: 2h
     name_pattern: "tmp-*"
     delete: true
@@ -135,7 +150,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.jetstream_api import STREAM_NOT_FOUND, ApiError, ConnectError, api, connect, paged
+from ansible.module_utils.jetstream_api import (
+    CONNECTION_ARGUMENT_SPEC,
+    STREAM_NOT_FOUND,
+    ApiError,
+    ConnectError,
+    api,
+    connect,
+    paged,
+)
 from ansible.module_utils.jetstream_consumer_staleness import (
     Consumer,
     Rules,
@@ -280,7 +303,7 @@ def validate(params: dict[str, Any]) -> tuple[int, int | None]:
 
 async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
     stale_after, threshold = validate(params)
-    nc = await connect(params["servers"], params["timeout"])
+    nc = await connect(params, params["timeout"])
     job = Cleanup(nc, Rules(stale_after, params["name_pattern"]), check_mode, params["timeout"])
     try:
         explicit = bool(params["streams"])
@@ -324,7 +347,7 @@ async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "servers": {"type": "list", "elements": "str", "required": True},
+            **CONNECTION_ARGUMENT_SPEC,
             "streams": {"type": "list", "elements": "str", "default": []},
             "stale_after": {"type": "str", "default": "1h"},
             "name_pattern": {"type": "str"},

@@ -27,10 +27,19 @@ description:
   - Snapshot archives from nats-server 2.15 use a new format that older servers cannot restore.
 options:
   servers:
-    description: Client URLs of the cluster (nats://host:port).
+    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
     type: list
     elements: str
     required: true
+  user:
+    description: The user to log in as (the application account's), if the cluster requires one.
+    type: str
+  password:
+    description: Its password.
+    type: str
+  tls_ca_file:
+    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
+    type: path
   state:
     description: C(saved) writes snapshots to I(path); C(restored) restores them from I(path).
     type: str
@@ -82,7 +91,10 @@ author: cim-nats-infra
 EXAMPLES = r"""
 - name: Reset | snapshot every stream while the cluster still answers
   jetstream_snapshot:
-    servers: "{{ nats_client_urls }}"
+    servers: "{{ jetstream_streams_servers }}"
+    user: "{{ jetstream_streams_user }}"
+    password: "{{ jetstream_streams_password }}"
+    tls_ca_file: "{{ jetstream_streams_tls_ca_file }}"
     state: saved
     path: "/var/backups/nats/{{ reset_id }}"
   delegate_to: localhost
@@ -90,7 +102,10 @@ EXAMPLES = r"""
 
 - name: Reset | restore every stream into the wiped cluster
   jetstream_snapshot:
-    servers: "{{ nats_client_urls }}"
+    servers: "{{ jetstream_streams_servers }}"
+    user: "{{ jetstream_streams_user }}"
+    password: "{{ jetstream_streams_password }}"
+    tls_ca_file: "{{ jetstream_streams_tls_ca_file }}"
     state: restored
     path: "/var/backups/nats/{{ reset_id }}"
   delegate_to: localhost
@@ -131,7 +146,17 @@ from pathlib import Path
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.jetstream_api import JS_API, ApiError, ConnectError, api, connect, paged, request, stream_info
+from ansible.module_utils.jetstream_api import (
+    CONNECTION_ARGUMENT_SPEC,
+    JS_API,
+    ApiError,
+    ConnectError,
+    api,
+    connect,
+    paged,
+    request,
+    stream_info,
+)
 
 try:
     import nats
@@ -497,7 +522,7 @@ async def delete_consumers(nc: Any, name: str, timeout: float) -> None:
 
 async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
     timeout = params["timeout"]
-    nc = await connect(params["servers"], timeout)
+    nc = await connect(params, timeout)
     try:
         if params["state"] == "saved":
             return await save(nc, params, check_mode)
@@ -509,7 +534,7 @@ async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "servers": {"type": "list", "elements": "str", "required": True},
+            **CONNECTION_ARGUMENT_SPEC,
             "state": {"type": "str", "choices": ["saved", "restored"], "required": True},
             "path": {"type": "path", "required": True},
             "streams": {"type": "list", "elements": "str", "default": []},

@@ -17,10 +17,19 @@ description:
   - Every change is checked before any is applied, so a refused declaration changes nothing.
 options:
   servers:
-    description: Client URLs of the cluster (nats://host:port).
+    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
     type: list
     elements: str
     required: true
+  user:
+    description: The user to log in as (the application account's), if the cluster requires one.
+    type: str
+  password:
+    description: Its password.
+    type: str
+  tls_ca_file:
+    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
+    type: path
   streams:
     description:
       - Declared streams. Keys name, subjects, storage, replicas are required; optional keys are
@@ -48,6 +57,9 @@ EXAMPLES = r"""
 - name: Streams | apply the declared streams
   jetstream_streams:
     servers: "{{ jetstream_streams_servers }}"
+    user: "{{ jetstream_streams_user }}"
+    password: "{{ jetstream_streams_password }}"
+    tls_ca_file: "{{ jetstream_streams_tls_ca_file }}"
     streams:
       - name: INFRASTRUCTURE_EVENTS
         subjects: ["infrastructure.>"]
@@ -74,6 +86,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.jetstream_api import CONNECTION_ARGUMENT_SPEC, ConnectError, connect
 from ansible.module_utils.jetstream_stream_spec import (
     DeclarationError,
     changes,
@@ -163,7 +176,7 @@ async def plan(js: Any, streams: list[dict[str, Any]], allow_destructive: bool) 
 
 async def apply(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
     timeout = params["timeout"]
-    nc = await nats.connect(servers=params["servers"], connect_timeout=timeout, max_reconnect_attempts=2)
+    nc = await connect(params, timeout)
     try:
         js = nc.jetstream(timeout=timeout)
         planned, refused = await plan(js, params["streams"], params["allow_destructive"])
@@ -222,7 +235,7 @@ async def apply_consumer(js: Any, stream: Planned, desired: dict[str, Any], chec
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
-            "servers": {"type": "list", "elements": "str", "required": True},
+            **CONNECTION_ARGUMENT_SPEC,
             "streams": {"type": "list", "elements": "dict", "required": True},
             "allow_destructive": {"type": "bool", "default": False},
             "timeout": {"type": "float", "default": 5.0},
@@ -235,6 +248,8 @@ def main() -> None:
         result = asyncio.run(asyncio.wait_for(apply(module.params, module.check_mode), 60))
     except DeclarationError as error:
         module.fail_json(msg=f"Bad stream declaration: {error}")
+    except ConnectError as error:
+        module.fail_json(msg=str(error))
     except (nats.errors.Error, OSError, TimeoutError) as error:
         module.fail_json(msg=f"JetStream API: {type(error).__name__}: {error}")
     if result.pop("failed", False):

@@ -99,7 +99,7 @@ def rolling_batches(json_stdout: str) -> list[dict[str, list[str]]]:
 
 
 def apply_under_load(cluster: Cluster, *extra: str) -> tuple[list[dict[str, list[str]]], BackgroundPublisher]:
-    with BackgroundPublisher(cluster.client_urls) as publisher:
+    with BackgroundPublisher(cluster) as publisher:
         time.sleep(1)
         result = run_playbook("site.yml", LAB_INVENTORY, *extra, json_output=True)
         time.sleep(1)

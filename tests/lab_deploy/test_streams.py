@@ -27,7 +27,7 @@ def declared(cluster: Cluster) -> dict[str, Any]:
 
 def info(cluster: Cluster) -> Any:
     async def read() -> Any:
-        nc = await nats.connect(cluster.client_urls, connect_timeout=3)
+        nc = await nats.connect(cluster.client_urls, connect_timeout=3, **cluster.login())
         try:
             return await nc.jetstream(timeout=5).stream_info(STREAM)
         finally:
@@ -38,7 +38,7 @@ def info(cluster: Cluster) -> Any:
 
 def publish_events(cluster: Cluster, count: int) -> None:
     async def send() -> None:
-        nc = await nats.connect(cluster.client_urls, connect_timeout=3)
+        nc = await nats.connect(cluster.client_urls, connect_timeout=3, **cluster.login())
         js = nc.jetstream(timeout=5)
         aggregate = uuid.uuid4()
         for n in range(count):

@@ -27,8 +27,8 @@ LIVE = ["projector-pending", "projector-unacked", "projector-active"]
 STALE_AFTER = 8
 
 
-async def create_consumers(servers: list[str]) -> None:
-    nc = await connect(servers, "purge-test")
+async def create_consumers(cluster: Cluster) -> None:
+    nc = await connect(cluster, "purge-test")
     try:
         js = nc.jetstream(timeout=10)
         await js.add_stream(
@@ -56,11 +56,11 @@ async def create_consumers(servers: list[str]) -> None:
         await nc.close()
 
 
-async def make_live_ones_busy(servers: list[str], stop: threading.Event) -> None:
+async def make_live_ones_busy(cluster: Cluster, stop: threading.Event) -> None:
     """After the leaked ones have idled past the threshold: one is left with messages pending, one
     holds unacked deliveries, one keeps taking and acking new messages (recent activity) until
     `stop`."""
-    nc = await connect(servers, "purge-test")
+    nc = await connect(cluster, "purge-test")
     try:
         js = nc.jetstream(timeout=10)
         unacked = await js.pull_subscribe_bind(durable="projector-unacked", stream=STREAM)
@@ -75,8 +75,8 @@ async def make_live_ones_busy(servers: list[str], stop: threading.Event) -> None
         await nc.close()
 
 
-async def consumer_names(servers: list[str]) -> set[str]:
-    nc = await connect(servers, "purge-test")
+async def consumer_names(cluster: Cluster) -> set[str]:
+    nc = await connect(cluster, "purge-test")
     try:
         js = nc.jetstream(timeout=10)
         names: set[str] = set()
@@ -115,23 +115,23 @@ def purge(*extra: str) -> dict[str, Any]:
 @pytest.fixture
 def leaked_consumers(deployed_lab: Cluster) -> Iterator[Cluster]:
     wait_healthy(deployed_lab)
-    delete_stream(deployed_lab.client_urls, STREAM)
-    asyncio.run(create_consumers(deployed_lab.client_urls))
+    delete_stream(deployed_lab, STREAM)
+    asyncio.run(create_consumers(deployed_lab))
     time.sleep(STALE_AFTER + 1)
     stop = threading.Event()
-    busy = threading.Thread(target=asyncio.run, args=(make_live_ones_busy(deployed_lab.client_urls, stop),))
+    busy = threading.Thread(target=asyncio.run, args=(make_live_ones_busy(deployed_lab, stop),))
     busy.start()
     time.sleep(2)
     yield deployed_lab
     stop.set()
     busy.join(30)
-    delete_stream(deployed_lab.client_urls, STREAM)
+    delete_stream(deployed_lab, STREAM)
 
 
 def test_report_then_delete_exactly_the_leaked_consumers(leaked_consumers: Cluster) -> None:
-    servers = leaked_consumers.client_urls
+    cluster = leaked_consumers
     everything = set(LEAKED) | set(LIVE)
-    assert asyncio.run(consumer_names(servers)) == everything
+    assert asyncio.run(consumer_names(cluster)) == everything
 
     report = purge()
     assert report["changed"] is False and report["deleted"] == []
@@ -139,18 +139,18 @@ def test_report_then_delete_exactly_the_leaked_consumers(leaked_consumers: Clust
     reasons = {c["name"]: c["reason"] for c in report["consumers"] if c["stream"] == STREAM}
     assert "pending" in reasons["projector-pending"] and "awaiting ack" in reasons["projector-unacked"], reasons
     assert "active" in reasons["projector-active"], reasons
-    assert asyncio.run(consumer_names(servers)) == everything
+    assert asyncio.run(consumer_names(cluster)) == everything
 
     checked = purge("-e", "jetstream_streams_purge_delete=true", "--check")
     assert len(checked["deleted"]) == len(LEAKED)
-    assert asyncio.run(consumer_names(servers)) == everything, "--check deleted consumers"
+    assert asyncio.run(consumer_names(cluster)) == everything, "--check deleted consumers"
 
     started = time.monotonic()
     applied = purge("-e", "jetstream_streams_purge_delete=true")
     elapsed = time.monotonic() - started
     assert applied["changed"] is True
     assert sorted(applied["deleted"]) == sorted(f"{STREAM}/{name}" for name in LEAKED)
-    assert asyncio.run(consumer_names(servers)) == set(LIVE)
+    assert asyncio.run(consumer_names(cluster)) == set(LIVE)
 
     again = purge("-e", "jetstream_streams_purge_delete=true")
     assert again["changed"] is False and again["deleted"] == [] and again["stale"] == []

@@ -79,7 +79,7 @@ def test_refuses_when_the_other_nodes_cannot_hold_quorum(healthy_lab: Cluster) -
 def test_stale_storage_under_load_is_found_and_remounted_with_nothing_lost(
     healthy_lab: Cluster, tmp_path: Path
 ) -> None:
-    with BackgroundPublisher(healthy_lab.client_urls) as publisher:
+    with BackgroundPublisher(healthy_lab) as publisher:
         time.sleep(1)
         inject_stale_storage(TARGET)
         code, report, _, output = nats_verify(tmp_path, "-m", "host")

@@ -114,7 +114,7 @@ def test_node_mode_refuses_when_the_others_cannot_hold_quorum(healthy_lab: Clust
 
 def test_node_reset_under_load_resyncs_every_replica(healthy_lab: Cluster) -> None:
     stored = backups(TARGET)
-    with BackgroundPublisher(healthy_lab.client_urls, stream="LAB_PROBE_RESET", subject="labprobe.reset") as publisher:
+    with BackgroundPublisher(healthy_lab, stream="LAB_PROBE_RESET", subject="labprobe.reset") as publisher:
         time.sleep(2)
         started = time.monotonic()
         result = run_playbook(
@@ -139,8 +139,8 @@ def test_node_reset_under_load_resyncs_every_replica(healthy_lab: Cluster) -> No
     )
 
 
-async def _fill_stream(servers: list[str]) -> None:
-    nc = await connect(servers, "reset-test")
+async def _fill_stream(cluster: Cluster) -> None:
+    nc = await connect(cluster, "reset-test")
     try:
         js = nc.jetstream(timeout=10)
         await js.add_stream(
@@ -153,9 +153,9 @@ async def _fill_stream(servers: list[str]) -> None:
         await nc.close()
 
 
-async def _dump_stream(servers: list[str]) -> list[tuple[Any, ...]]:
+async def _dump_stream(cluster: Cluster) -> list[tuple[Any, ...]]:
     """Every message: sequence, subject, payload, headers, timestamp."""
-    nc = await connect(servers, "reset-test")
+    nc = await connect(cluster, "reset-test")
     try:
         js = nc.jetstream(timeout=10)
         info = await js.stream_info(STREAM)
@@ -177,20 +177,21 @@ def reset_cluster(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess[st
     return run_playbook(PLAYBOOK, LAB_INVENTORY, *CLUSTER_RESET, "-e", snapshots, *extra, timeout=900)
 
 
-def corrupt_meta_state(host: str) -> None:
-    """Overwrites the meta group's raft state (log, snapshot, peers) with garbage."""
-    meta = rf"/mnt/cimstor-jetstream/{host}/jetstream/\$SYS/_js_/_meta_"
+def corrupt_meta_state(host: str, system_account: str) -> None:
+    """Overwrites the meta group's raft state (log, snapshot, peers) with garbage. It lives under
+    the system account's directory in the store."""
+    meta = f"/mnt/cimstor-jetstream/{host}/jetstream/{system_account}/_js_/_meta_"
     on(host, f"cd {meta} && for f in meta.inf peers.idx snapshots/* msgs/*.blk; do head -c 300 /dev/urandom > $f; done")
 
 
 def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: Cluster, tmp_path: Path) -> None:
-    servers = healthy_lab.client_urls
-    delete_stream(servers, STREAM)
-    asyncio.run(_fill_stream(servers))
-    before = asyncio.run(_dump_stream(servers))
+    cluster = healthy_lab
+    delete_stream(cluster, STREAM)
+    asyncio.run(_fill_stream(cluster))
+    before = asyncio.run(_dump_stream(cluster))
     assert len(before) == 499
     for node in healthy_lab.nodes:
-        corrupt_meta_state(node.host)
+        corrupt_meta_state(node.host, healthy_lab.setting("nats_server_system_account"))
     stored = {node.host: backups(node.host) for node in healthy_lab.nodes}
 
     started = time.monotonic()
@@ -201,11 +202,11 @@ def test_cluster_reset_restores_the_streams_after_meta_corruption(healthy_lab: C
     for node in healthy_lab.nodes:
         assert len(set(backups(node.host)) - set(stored[node.host])) == 1, backups(node.host)
     wait_healthy(healthy_lab)
-    assert asyncio.run(_dump_stream(servers)) == before
+    assert asyncio.run(_dump_stream(cluster)) == before
     assert len(set(replica_states(healthy_lab, STREAM).values())) == 1
     code, _, _, output = nats_verify(tmp_path)
     assert code == 0, output[-3000:]
-    delete_stream(servers, STREAM)
+    delete_stream(cluster, STREAM)
     print(
         f"reset-jetstream cluster mode (snapshot, wipe, cold start, restore): {elapsed:.1f} s; 499 of 499 messages back"
     )

@@ -42,7 +42,7 @@ def restart_order(json_stdout: str) -> list[str]:
 
 
 def roll_under_load(cluster: Cluster, *extra: str) -> tuple[BackgroundPublisher, float]:
-    with BackgroundPublisher(cluster.client_urls) as publisher:
+    with BackgroundPublisher(cluster) as publisher:
         time.sleep(1)
         started = time.monotonic()
         result = run_playbook(PLAYBOOK, LAB_INVENTORY, *extra, json_output=True, timeout=900)

@@ -37,13 +37,19 @@ SYMPTOMS = {
 }
 
 
-def test_verify_passes_on_the_healthy_cluster(deployed_lab: Cluster, tmp_path: Path) -> None:
+def test_verify_passes_on_the_healthy_cluster(deployed_lab: Cluster, deploy_log: Path, tmp_path: Path) -> None:
+    """Every check, the security ones included: the session's own -vvv deploy holds no secret."""
     wait_healthy(deployed_lab)
-    code, report, elapsed, output = nats_verify(tmp_path)
+    code, report, elapsed, output = nats_verify(tmp_path, "--deploy-log", str(deploy_log))
     assert code == 0, output[-3000:]
-    assert report["failed"] == 0 and report["passed"] >= 40, report
+    assert report["failed"] == 0 and report["passed"] >= 50, report
     groups = {c["group"] for c in report["checks"]}
-    assert groups == {"host", "cluster", "eventstore"}
+    assert groups == {"host", "cluster", "security", "eventstore"}
+    outcomes = {c["nodeid"].split("::")[-1]: c["outcome"] for c in report["checks"]}
+    assert outcomes["test_deploy_log_holds_no_secret"] == "passed"
+    # It was a -vvv log (SSH connection lines appear from -vvv on) of a run that changed things.
+    log = deploy_log.read_text()
+    assert "ESTABLISH SSH CONNECTION" in log and "changed=" in log
     assert "nats-verify summary" in output
     print(f"verify on a healthy lab: {elapsed:.1f} s wall, {report['passed']} checks")
 
@@ -67,14 +73,14 @@ def r3_stream(deployed_lab: Cluster) -> Iterator[str]:
     name = "LAB_VERIFY_R3"
 
     async def create() -> None:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3)
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         js = nc.jetstream(timeout=5)
         await js.add_stream(StreamConfig(name=name, subjects=["labverify.>"], storage=StorageType.FILE, num_replicas=3))
         await js.publish("labverify.x", b"1")
         await nc.close()
 
     async def remove() -> None:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3)
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         await nc.jetstream(timeout=5).delete_stream(name)
         await nc.close()
 

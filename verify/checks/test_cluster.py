@@ -90,7 +90,7 @@ def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) 
     """What `nats account info` shows; fails with the server's words (e.g. 10008) when it cannot."""
 
     async def usage() -> Any:
-        nc = await connect(client_urls(verify_state, nats_cluster), verify_state)
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
         try:
             return await nc.jetstream(timeout=2).account_info()
         finally:
@@ -168,7 +168,7 @@ def test_declared_streams_match_and_span_three_nodes(nats_cluster: Cluster, veri
     spec = stream_spec()
 
     async def inspect() -> list[str]:
-        nc = await connect(client_urls(verify_state, nats_cluster), verify_state)
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
         problems = []
         try:
             js = nc.jetstream(timeout=2)

@@ -50,7 +50,7 @@ class Probe:
         """body(nc) on a fresh connection, inside this check's share of the run's deadline."""
 
         async def main() -> T:
-            nc = await connect(client_urls(self.state, self.cluster), self.state)
+            nc = await connect(client_urls(self.state, self.cluster), self.state, login=self.cluster.login())
             try:
                 return await body(nc)
             finally:

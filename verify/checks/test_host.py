@@ -16,6 +16,7 @@ pytestmark = pytest.mark.host
 
 BINARY = "/usr/local/sbin/nats-server"
 CONFIG = "/etc/nats-server/nats-server.conf"
+TLS_DIR = "/etc/nats-server/tls"
 UNIT = "nats-server"
 # A stale or hung NFS mount must not hang the run: every storage probe is cut off after this.
 PROBE_SECONDS = 4
@@ -53,6 +54,22 @@ def test_config_owned_and_accepted(nats_host: Any, nats_node: Node) -> None:
     )
     checked = nats_host.run(f"{BINARY} -t -c {CONFIG}")
     assert checked.rc == 0, f"{nats_node.host}: nats-server -t refuses {CONFIG}: {checked.stderr.strip()}"
+
+
+@pytest.mark.runbook("config")
+def test_tls_files_readable_by_the_server_only(nats_host: Any, nats_node: Node) -> None:
+    """The key above all: root may change it, the nats group may read it, nobody else."""
+    group = nats_node["nats_server_group"]
+    tls_dir = nats_host.file(TLS_DIR)
+    assert (tls_dir.user, tls_dir.group, tls_dir.mode) == ("root", group, 0o750), (
+        f"{nats_node.host}: {TLS_DIR} is {tls_dir.user}:{tls_dir.group} {oct(tls_dir.mode)}"
+    )
+    for name in ("ca.crt", "server.crt", "server.key"):
+        tls_file = nats_host.file(f"{TLS_DIR}/{name}")
+        assert tls_file.exists, f"{nats_node.host}: {TLS_DIR}/{name} is missing"
+        assert (tls_file.user, tls_file.group, tls_file.mode) == ("root", group, 0o640), (
+            f"{nats_node.host}: {TLS_DIR}/{name} is {tls_file.user}:{tls_file.group} {oct(tls_file.mode)}"
+        )
 
 
 @pytest.mark.runbook("service")

@@ -1,0 +1,142 @@
+"""The security checks against the real lab: what they must refuse is refused for real, a leaked
+secret is found (and not repeated), and a certificate rotated through the deploy is taken by
+reload, without a restart, and warned about when it nears its end."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import nats
+import pytest
+from nats.aio.msg import Msg
+
+from tests.helpers import (
+    LAB_INVENTORY,
+    failed_checks,
+    nats_verify,
+    recap,
+    run_playbook,
+    service_identities,
+    wait_healthy,
+)
+from verify import monitor
+from verify.inventory import Cluster
+
+pytestmark = pytest.mark.lab
+
+
+def test_a_leaked_secret_in_a_log_is_found_and_not_repeated(deployed_lab: Cluster, tmp_path: Path) -> None:
+    """The deploy-log check can fail: a log with the application password in it."""
+    key = (LAB_INVENTORY.parent.parent / ".lab" / "pki" / "nats-2.key").read_text()
+    leaky = tmp_path / "leaky.log"
+    leaky.write_text(
+        f"TASK [x] ok: [nats-1] => {{'password': '{deployed_lab.app.password}'}}\n"
+        # A key as a YAML callback shows a multi-line value: indented.
+        + "    content: |-\n"
+        + "".join(f"        {line}\n" for line in key.splitlines())
+    )
+    code, report, _, output = nats_verify(tmp_path, "-m", "security", "--deploy-log", str(leaky))
+    assert code != 0, output[-2000:]
+    symptom = failed_checks(report)["test_deploy_log_holds_no_secret"]
+    assert "nats_server_app_password" in symptom and "nats-2 private key" in symptom, symptom
+    assert "nats-1 private key" not in symptom, symptom
+    assert deployed_lab.app.password not in output + json.dumps(report)
+
+
+def test_the_system_user_sees_every_server_and_the_app_user_does_not(deployed_lab: Cluster) -> None:
+    """Accounts separate: the application user's ping to $SYS reaches no server."""
+
+    async def ping(login: dict[str, object]) -> set[str]:
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **login)
+        names: set[str] = set()
+
+        async def collect(message: Msg) -> None:
+            names.add(json.loads(message.data)["server"]["name"])
+
+        inbox = nc.new_inbox()
+        await nc.subscribe(inbox, cb=collect)
+        await nc.publish("$SYS.REQ.SERVER.PING", b"", reply=inbox)
+        await asyncio.sleep(1)
+        await nc.close()
+        return names
+
+    assert asyncio.run(ping(deployed_lab.login(deployed_lab.system))) == {"nats-1", "nats-2", "nats-3"}
+    assert asyncio.run(ping(deployed_lab.login())) == set()
+
+
+def test_a_client_trusting_another_ca_is_refused_by_its_own_check(deployed_lab: Cluster) -> None:
+    """The servers' certificates chain to the lab CA only: a client trusting just the system CAs
+    rejects them (a stand-in for a man in the middle with someone else's certificate)."""
+
+    async def attempt() -> str:
+        try:
+            nc = await nats.connect(
+                deployed_lab.client_urls,
+                connect_timeout=3,
+                allow_reconnect=False,
+                user=deployed_lab.app.user,
+                password=deployed_lab.app.password,
+                tls=ssl.create_default_context(),
+            )
+        except Exception as error:
+            return f"{type(error).__name__}: {error}"
+        await nc.close()
+        return ""
+
+    assert "CERTIFICATE_VERIFY_FAILED" in asyncio.run(attempt())
+
+
+def _loaded_not_after(cluster: Cluster) -> dict[str, str]:
+    return {n.host: monitor.get_json(n.monitor_url, "/varz")["tls_cert_not_after"] for n in cluster.nodes}
+
+
+def _issue(*extra: str) -> None:
+    result = run_playbook("certificates.yml", LAB_INVENTORY, *extra, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+@pytest.fixture
+def short_lived_certificates(deployed_lab: Cluster) -> Iterator[Cluster]:
+    """Every node's certificate reissued for 10 days (a renewal window longer than a year forces
+    it); afterwards reissued for the default year and deployed again."""
+    _issue("-e", "nats_pki_valid_days=10", "-e", "nats_pki_renew_within_days=400")
+    yield deployed_lab
+    _issue()  # the 10-day certificates are inside the default 30-day window: a year again
+    result = run_playbook("site.yml", LAB_INVENTORY, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    wait_healthy(deployed_lab)
+    assert all(
+        (datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)).days > 300
+        for v in _loaded_not_after(deployed_lab).values()
+    )
+
+
+def test_rotated_certificates_are_reloaded_without_restart_and_warned_near_expiry(
+    short_lived_certificates: Cluster, tmp_path: Path
+) -> None:
+    cluster = short_lived_certificates
+    wait_healthy(cluster)
+    before = _loaded_not_after(cluster)
+    started = service_identities(cluster)
+    # site.yml would renew certificates this close to expiry itself: not this time.
+    result = run_playbook("site.yml", LAB_INVENTORY, "-e", "nats_pki_renew_within_days=5", timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:]
+    after = _loaded_not_after(cluster)
+    assert all(after[h] != before[h] for h in after), f"not reloaded: {before} -> {after}"
+    for value in after.values():
+        days = (datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)).days
+        assert 8 <= days <= 10, after
+    assert service_identities(cluster) == started, "a certificate change restarted a server"
+    assert all(counts["failed"] == 0 for counts in recap(result.stdout).values())
+    # verify passes, and warns about each node's short-lived certificates.
+    wait_healthy(cluster)
+    code, report, _, output = nats_verify(tmp_path, "-m", "security")
+    assert code == 0, output[-3000:]
+    warned = {w.split(":")[0] for w in report["warnings"] if "certificate expires in" in w}
+    assert warned == {"nats-1", "nats-2", "nats-3"}, report["warnings"]
+    assert "WARNING nats-1: the client certificate expires in" in output

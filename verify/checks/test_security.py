@@ -1,0 +1,265 @@
+"""The cluster refuses what it must refuse (plaintext, anonymous and wrong logins), serves
+certificates that chain to the cluster's CA and are not about to expire, and the deploy's log
+holds none of its secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import ssl
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import nats
+import pytest
+
+from verify.client import connect
+from verify.inventory import Cluster, Node
+from verify.plugin import RunState, client_urls, monitor_json
+
+pytestmark = pytest.mark.security
+
+SIZE_RE = re.compile(r"^([0-9]+)([KMGT]?)B?$")
+
+
+def budget(state: RunState, most: float = 3.0) -> float:
+    return min(most, max(0.5, state.remaining()))
+
+
+def size_in_bytes(size: Any) -> int:
+    """nats-server.conf sizes: 512MB, 48GB, 1T (binary units, as the server reads them)."""
+    match = SIZE_RE.match(str(size).strip().upper())
+    if not match:
+        raise ValueError(f"not a size: {size!r}")
+    exponent = " KMGT".index(match.group(2) or " ")
+    return int(match.group(1)) * int(pow(1024, exponent))
+
+
+async def _read_info(host: str, port: int, seconds: float) -> tuple[dict[str, Any], Any, Any]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
+    line = await asyncio.wait_for(reader.readline(), seconds)
+    if not line.startswith(b"INFO "):
+        writer.close()
+        raise AssertionError(f"{host}:{port} did not greet with INFO: {line[:80]!r}")
+    return json.loads(line[5:]), reader, writer
+
+
+def _split(url: str) -> tuple[str, int]:
+    host, port = url.split("://", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+@pytest.mark.runbook("security")
+def test_plaintext_client_refused(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
+    """A client that logs in without TLS (with the right password) gets nothing back."""
+    host, port = _split(nats_node.client_url)
+    seconds = budget(verify_state)
+
+    async def attempt() -> tuple[dict[str, Any], bytes]:
+        info, reader, writer = await _read_info(host, port, seconds)
+        try:
+            # The real password: only the missing TLS may be the reason for the refusal.
+            app = nats_cluster.app
+            hello = {"verbose": False, "pedantic": False, "tls_required": False, "user": app.user, "pass": app.password}
+            writer.write(b"CONNECT " + json.dumps(hello).encode() + b"\r\nPING\r\n")
+            await writer.drain()
+            answer = await asyncio.wait_for(reader.read(512), seconds)
+        except (ConnectionError, TimeoutError):
+            answer = b""
+        finally:
+            writer.close()
+        return info, answer
+
+    info, answer = asyncio.run(attempt())
+    assert info.get("tls_required") is True, f"{nats_node.host}: the client port does not require TLS"
+    assert b"PONG" not in answer and b"+OK" not in answer, (
+        f"{nats_node.host}: a plaintext client was answered: {answer[:120]!r}"
+    )
+
+
+@pytest.mark.runbook("security")
+def test_route_port_requires_mutual_tls(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
+    """A peer without a certificate from the cluster's CA learns nothing: in plaintext it gets no
+    greeting, and over TLS the server asks for its certificate and ends the handshake."""
+    host = str(nats_node["nats_server_cluster_host"]).replace("0.0.0.0", nats_node.address)
+    port = int(nats_node["nats_server_cluster_port"])
+    seconds = budget(verify_state, 2.0)
+
+    async def attempt(context: ssl.SSLContext | None, wait: float) -> tuple[bytes, str]:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None), seconds
+            )
+        except (OSError, TimeoutError) as error:
+            return b"", f"{type(error).__name__}: {error}"
+        try:
+            return await asyncio.wait_for(reader.read(512), wait), ""
+        except (OSError, TimeoutError) as error:
+            return b"", f"{type(error).__name__}: {error}"
+        finally:
+            writer.close()
+
+    # A server that greets plaintext peers does so at once; half a second of silence is a refusal.
+    plain, _ = asyncio.run(attempt(None, 0.5))
+    assert not plain.startswith(b"INFO"), f"{nats_node.host}: the route port greets a plaintext peer: {plain[:80]!r}"
+    greeting, error = asyncio.run(attempt(nats_cluster.tls_context(), seconds))
+    assert not greeting.startswith(b"INFO"), f"{nats_node.host}: the route port admits a peer without a certificate"
+    assert "certificate required" in error, f"{nats_node.host}: the route port did not ask for a certificate ({error})"
+
+
+async def _refusal(cluster: Cluster, state: RunState, **login: Any) -> str:
+    """The error a login attempt gets, or '' if the server let it in."""
+    try:
+        nc = await nats.connect(
+            servers=client_urls(state, cluster),
+            connect_timeout=budget(state, 2.0),
+            allow_reconnect=False,
+            max_reconnect_attempts=0,
+            tls=cluster.tls_context(),
+            **login,
+        )
+    except (nats.errors.Error, OSError, TimeoutError) as error:
+        return f"{type(error).__name__}: {error}"
+    await nc.close()
+    return ""
+
+
+@pytest.mark.runbook("security")
+def test_anonymous_client_refused(nats_cluster: Cluster, verify_state: RunState) -> None:
+    refusal = asyncio.run(_refusal(nats_cluster, verify_state))
+    assert refusal, "a client without user or password was let in"
+    assert "Authorization Violation" in refusal, f"refused, but not for the login: {refusal}"
+
+
+@pytest.mark.runbook("security")
+def test_wrong_password_refused(nats_cluster: Cluster, verify_state: RunState) -> None:
+    wrong = nats_cluster.app.password + "-wrong"
+    refusal = asyncio.run(_refusal(nats_cluster, verify_state, user=nats_cluster.app.user, password=wrong))
+    assert refusal, f"{nats_cluster.app.user} was let in with a wrong password"
+    assert "Authorization Violation" in refusal, f"refused, but not for the login: {refusal}"
+
+
+@pytest.mark.runbook("cluster")
+def test_application_user_has_jetstream_with_its_limits(nats_cluster: Cluster, verify_state: RunState) -> None:
+    async def limits() -> Any:
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
+        try:
+            return (await nc.jetstream(timeout=2).account_info()).limits
+        finally:
+            await nc.close()
+
+    got = asyncio.run(asyncio.wait_for(limits(), budget(verify_state, 5.0)))
+    wanted = nats_cluster.setting("nats_server_app_jetstream_limits")
+    expected = {
+        "max_memory": size_in_bytes(wanted["max_memory"]) if "max_memory" in wanted else got.max_memory,
+        "max_storage": size_in_bytes(wanted["max_file"]) if "max_file" in wanted else got.max_storage,
+        "max_streams": int(wanted.get("max_streams", got.max_streams)),
+        "max_consumers": int(wanted.get("max_consumers", got.max_consumers)),
+    }
+    actual = {k: getattr(got, k) for k in expected}
+    assert actual == expected, f"account {nats_cluster.setting('nats_server_app_account')} limits: {actual}"
+
+
+@pytest.mark.runbook("security")
+def test_system_user_pings_every_server(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """The `nats server list` view: every server answers the system account's ping."""
+    expected = {n.server_name for n in nats_cluster.nodes}
+    seconds = budget(verify_state, 2.0)
+
+    async def ping() -> dict[str, Any]:
+        nc = await connect(
+            client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login(nats_cluster.system)
+        )
+        answers: dict[str, Any] = {}
+        complete = asyncio.Event()
+
+        async def collect(message: Any) -> None:
+            reply = json.loads(message.data)
+            answers[reply["server"]["name"]] = reply.get("statsz", {})
+            if set(answers) >= expected:
+                complete.set()
+
+        try:
+            inbox = nc.new_inbox()
+            await nc.subscribe(inbox, cb=collect)
+            await nc.publish("$SYS.REQ.SERVER.PING", b"", reply=inbox)
+            await asyncio.wait_for(complete.wait(), seconds)
+        except TimeoutError:
+            pass
+        finally:
+            await nc.close()
+        return answers
+
+    answers = asyncio.run(ping())
+    missing = expected - set(answers)
+    assert not missing, f"no answer to $SYS.REQ.SERVER.PING from {', '.join(sorted(missing))}"
+    verify_state.report.append(
+        "servers: "
+        + ", ".join(f"{name} ({stats.get('connections', '?')} conns)" for name, stats in sorted(answers.items()))
+    )
+
+
+def _not_after(when: str) -> datetime:
+    return datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def _check_served_certificate(node: Node, ca_file: Path, seconds: float) -> None:
+    """The certificate the monitor port serves, checked against the cluster's CA and the node's
+    address (ssl does both)."""
+    host, port = _split(node.monitor_url)
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with urllib.request.urlopen(
+            f"{node.monitor_url}/healthz?js-server-only=true", timeout=seconds, context=context
+        ):
+            pass
+    except urllib.error.HTTPError:
+        pass  # an answer: the handshake (the chain and the name) succeeded
+    except urllib.error.URLError as error:
+        pytest.fail(f"{node.host}: the certificate on {host}:{port} does not check out: {error.reason}", pytrace=False)
+
+
+@pytest.mark.runbook("certificates")
+def test_certificates_chain_to_the_ca_and_are_not_expiring(
+    nats_node: Node, nats_cluster: Cluster, verify_state: RunState, request: pytest.FixtureRequest
+) -> None:
+    _check_served_certificate(nats_node, nats_cluster.ca_file, budget(verify_state))
+    varz = monitor_json(verify_state, nats_node, "/varz")
+    loaded = {"client": varz.get("tls_cert_not_after"), "route": (varz.get("cluster") or {}).get("tls_cert_not_after")}
+    assert all(loaded.values()), f"{nats_node.host}: the server reports no certificate for {loaded}"
+    warn_days = int(request.config.getoption("--cert-warn-days"))
+    now = datetime.now(UTC)
+    for use, when in loaded.items():
+        days = (_not_after(str(when)) - now).total_seconds() / 86400
+        assert days > 0, f"{nats_node.host}: the {use} certificate expired on {when}"
+        if days < warn_days:
+            verify_state.warnings.append(
+                f"{nats_node.host}: the {use} certificate expires in {days:.0f} days ({when}); renew it"
+            )
+
+
+@pytest.mark.runbook("security")
+def test_deploy_log_holds_no_secret(nats_cluster: Cluster, request: pytest.FixtureRequest) -> None:
+    logs = [Path(p) for p in request.config.getoption("--deploy-log")]
+    if not logs:
+        pytest.skip("no --deploy-log given")
+    assert nats_cluster.secrets, "the inventory gave no secrets to look for"
+    found = []
+    for log in logs:
+        text = log.read_text(errors="replace")
+        # Whitespace and escaped newlines out: a key wrapped or quoted by a callback still matches.
+        flat = re.sub(r"(\s|\\n)+", "", text)
+        for name, secret in nats_cluster.secrets.items():
+            if "PRIVATE KEY" in secret:
+                # The whole body: pieces of it could match the public key, which may be logged.
+                body = "".join(line for line in secret.splitlines() if "-----" not in line)
+                leaked = re.sub(r"\s+", "", body) in flat
+            else:
+                leaked = secret in text
+            if leaked:
+                found.append(f"{name} in {log}")
+    assert not found, "secrets in the log: " + "; ".join(found)
