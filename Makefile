@@ -60,10 +60,8 @@ verify: setup
 lint: setup
 	$(BIN)/yamllint -s .
 	$(BIN)/ansible-lint -q
-	for inv in inventory/phx inventory/lab; do \
-	  for pb in playbooks/*.yml playbooks/remediate/*.yml; do $(BIN)/ansible-playbook -i $$inv --syntax-check $$pb >/dev/null; done; \
-	  $(BIN)/ansible-inventory -i $$inv --list >/dev/null; \
-	done
+	# Every playbook's --syntax-check against both inventories is a test (tests/test_inventories.py).
+	for inv in inventory/phx inventory/lab; do $(BIN)/ansible-inventory -i $$inv --list >/dev/null; done
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -75,7 +73,7 @@ test-lab: setup lab-deps
 	$(BIN)/pytest -m lab
 
 test: setup lab-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 bench: setup lab-deps
 	$(BIN)/python -m benchmarks.deploy

@@ -84,8 +84,9 @@ def plaintext_cluster(deployed_lab: Cluster) -> Iterator[Cluster]:
     try:
         yield deployed_lab
     finally:
-        result = run_playbook("site.yml", LAB_INVENTORY, *SWITCH, timeout=900)
-        assert result.returncode == 0, result.stdout[-4000:]
+        if any(plain_health(n) == 200 for n in deployed_lab.nodes):  # the test stopped half way
+            result = run_playbook("site.yml", LAB_INVENTORY, *SWITCH, timeout=900)
+            assert result.returncode == 0, result.stdout[-4000:]
         wait_healthy(deployed_lab)
 
         delete_stream(deployed_lab, STREAM)
