@@ -179,7 +179,7 @@ def test_system_user_pings_every_server(nats_cluster: Cluster, verify_state: Run
 
         async def collect(message: Any) -> None:
             reply = json.loads(message.data)
-            answers[reply["server"]["name"]] = reply.get("statsz", {})
+            answers[reply["server"]["name"]] = {"version": reply["server"].get("ver", "?")} | reply.get("statsz", {})
             if set(answers) >= expected:
                 complete.set()
 
@@ -197,10 +197,12 @@ def test_system_user_pings_every_server(nats_cluster: Cluster, verify_state: Run
     answers = asyncio.run(ping())
     missing = expected - set(answers)
     assert not missing, f"no answer to $SYS.REQ.SERVER.PING from {', '.join(sorted(missing))}"
-    verify_state.report.append(
-        "servers: "
-        + ", ".join(f"{name} ({stats.get('connections', '?')} conns)" for name, stats in sorted(answers.items()))
-    )
+    # As `nats server list` shows them: version, connections, memory.
+    for name, stats in sorted(answers.items()):
+        verify_state.report.append(
+            f"server {name}: v{stats['version']}, {stats.get('connections', '?')} connections, "
+            f"{stats.get('mem', 0) / 2**20:.0f} MiB, {stats.get('active_servers', '?')} servers seen"
+        )
 
 
 def _not_after(when: str) -> datetime:
