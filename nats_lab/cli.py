@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     fault = sub.add_parser("fault", help="inject a fault: " + ", ".join(faults.KINDS))
     fault.add_argument("kind", metavar="KIND", help=" | ".join(faults.KINDS))
     fault.add_argument("host", metavar="HOST")
+    fault.add_argument(
+        "--port", type=int, default=faults.ROUTE_PORT, help=f"the port cut-routes cuts (default {faults.ROUTE_PORT})"
+    )
     heal = sub.add_parser("heal", help="undo active faults on HOST (default: all hosts)")
     heal.add_argument("host", nargs="?", metavar="HOST")
     return parser
@@ -49,12 +52,12 @@ def _ssh(lab: Lab, host_name: str, cmd: list[str]) -> int:
     return subprocess.call(argv)
 
 
-def _fault(lab: Lab, kind: str, host_name: str) -> int:
+def _fault(lab: Lab, kind: str, host_name: str, port: int) -> int:
     if kind not in faults.KINDS:
         raise LabError(f"unknown fault kind {kind!r}; valid kinds: {', '.join(faults.KINDS)}")
     host = lab.host(host_name)
     labmod.require_up(lab, host)
-    say(faults.inject(lab, kind, host))
+    say(faults.inject(lab, kind, host, port))
     return 0
 
 
@@ -81,7 +84,7 @@ def _dispatch(lab: Lab, args: argparse.Namespace) -> int:
         if args.command == "down":
             return labmod.down(lab)
         if args.command == "fault":
-            return _fault(lab, args.kind, args.host)
+            return _fault(lab, args.kind, args.host, args.port)
         return _heal(lab, args.host)
 
 

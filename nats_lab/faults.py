@@ -1,4 +1,4 @@
-"""Fault injection and healing: stop, kill, isolate, stale-storage.
+"""Fault injection and healing: stop, kill, isolate, cut-routes, stale-storage.
 
 Active faults are kept in .lab/faults.json ({host: {kind: detail}}) so that `status` can
 show them and `heal` knows what to undo.
@@ -17,9 +17,11 @@ from nats_lab.config import Host, Lab, LabError
 from nats_lab.ssh import root_command, run_root, ssh_argv
 from nats_lab.util import kill, say, wait_gone
 
-KINDS = ("stop", "kill", "isolate", "stale-storage")
+KINDS = ("stop", "kill", "isolate", "cut-routes", "stale-storage")
 # Undo in this order: a host must be reachable again before anything is done on it.
-HEAL_ORDER = ("isolate", "kill", "stale-storage", "stop")
+HEAL_ORDER = ("isolate", "cut-routes", "kill", "stale-storage", "stop")
+# NATS's cluster port, cut by cut-routes unless told another.
+ROUTE_PORT = 6222
 UNIT = "nats-server.service"
 
 Faults = dict[str, dict[str, Any]]
@@ -55,6 +57,14 @@ def isolated_hosts(lab: Lab, faults: Faults) -> list[Host]:
     return [h for h in lab.hosts if "isolate" in faults.get(h.name, {})]
 
 
+def cut_ports(lab: Lab, faults: Faults) -> list[tuple[Host, int]]:
+    return [(h, int(faults[h.name]["cut-routes"]["port"])) for h in lab.hosts if "cut-routes" in faults.get(h.name, {})]
+
+
+def apply_network(lab: Lab, faults: Faults) -> None:
+    net.apply_isolation(isolated_hosts(lab, faults), cut_ports(lab, faults))
+
+
 def run_python(lab: Lab, host: Host, code: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     """Run a python3 program as root on HOST (fed through stdin)."""
     argv = [*ssh_argv(lab, host), root_command(["python3", "-"])]
@@ -78,8 +88,8 @@ def cimnfs_mounts(lab: Lab, host: Host) -> list[str]:
     return [fields[1] for fields in (line.split() for line in out.splitlines()) if fields[2] == kind]
 
 
-def inject(lab: Lab, kind: str, host: Host) -> str:
-    """Start fault KIND on HOST; return a one-line description."""
+def inject(lab: Lab, kind: str, host: Host, port: int = ROUTE_PORT) -> str:
+    """Start fault KIND on HOST (PORT: the one cut-routes cuts); return a one-line description."""
     faults = load(lab)
     mine = faults.setdefault(host.name, {})
     if kind in mine:
@@ -104,8 +114,14 @@ def inject(lab: Lab, kind: str, host: Host) -> str:
         message = f"killed {host.name} (SIGKILL to its init, pid {pid})"
     elif kind == "isolate":
         mine[kind] = {"veth": host.veth}
-        net.apply_isolation(isolated_hosts(lab, faults))
+        apply_network(lab, faults)
         message = f"isolated {host.name} ({host.veth} dropped in nft {net.NFT_FAMILY} {net.NFT_TABLE})"
+    elif kind == "cut-routes":
+        # Established routes stall (their packets vanish) and new ones cannot form, while
+        # clients, the monitor and SSH still reach the host: a firewall closing the route port.
+        mine[kind] = {"port": port}
+        apply_network(lab, faults)
+        message = f"cut TCP port {port} of {host.name} from the other hosts (nft {net.NFT_FAMILY} {net.NFT_TABLE})"
     elif kind == "stale-storage":
         mounts = cimnfs_mounts(lab, host)
         if not mounts:
@@ -184,10 +200,10 @@ def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
     for kind in HEAL_ORDER:
         if kind not in mine:
             continue
-        if kind == "isolate":
+        if kind in ("isolate", "cut-routes"):
             del mine[kind]
-            net.apply_isolation(isolated_hosts(lab, faults))
-            done.append(f"{host.name}: network restored")
+            apply_network(lab, faults)
+            done.append(f"{host.name}: network restored ({kind})")
         elif kind == "kill":
             if base_dir is None:
                 raise LabError("cannot restart a killed host: the lab's base image is unknown")

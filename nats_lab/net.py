@@ -53,44 +53,56 @@ def delete_bridge(lab: Lab) -> None:
         run(["ip", "link", "delete", lab.bridge])
 
 
-def nft_ruleset(hosts: Iterable[Host]) -> str:
-    """The partition table: drop everything to/from the isolated hosts' veths.
+def nft_ruleset(hosts: Iterable[Host], cut_ports: Iterable[tuple[Host, int]] = ()) -> str:
+    """The partition table: drop everything to/from the isolated hosts' veths, and TCP to or
+    from a cut port of a host (both ends: it dials and it listens).
 
     forward covers host <-> host traffic over the bridge; input/output cover the machine's
-    own traffic to the host (ssh, ping), so an isolated host is cut off from everyone.
+    own traffic to the host (ssh, ping), so an isolated host is cut off from everyone. A cut
+    port is dropped between hosts only: that is where routes run.
     """
     veths = sorted({h.veth for h in hosts})
-    if not veths:
+    cuts = sorted({(h.veth, port) for h, port in cut_ports})
+    if not veths and not cuts:
         return f"table {NFT_FAMILY} {NFT_TABLE}\ndelete table {NFT_FAMILY} {NFT_TABLE}\n"
-    names = ", ".join(f'"{v}"' for v in veths)
-    return f"""\
-table {NFT_FAMILY} {NFT_TABLE}
-delete table {NFT_FAMILY} {NFT_TABLE}
-table {NFT_FAMILY} {NFT_TABLE} {{
+    isolated_set, forward, host_chains = "", "", ""
+    if veths:
+        names = ", ".join(f'"{v}"' for v in veths)
+        isolated_set = f"""
     set isolated {{
         type ifname
         elements = {{ {names} }}
-    }}
-    chain isolate_forward {{
-        type filter hook forward priority 0; policy accept;
+    }}"""
+        forward = """
         iifname @isolated drop
-        oifname @isolated drop
-    }}
-    chain isolate_input {{
+        oifname @isolated drop"""
+        host_chains = """
+    chain isolate_input {
         type filter hook input priority 0; policy accept;
         iifname @isolated drop
-    }}
-    chain isolate_output {{
+    }
+    chain isolate_output {
         type filter hook output priority 0; policy accept;
         oifname @isolated drop
-    }}
+    }"""
+    for veth, port in cuts:
+        forward += "".join(
+            f'\n        {way}ifname "{veth}" tcp {end} {port} drop' for way in ("i", "o") for end in ("dport", "sport")
+        )
+    return f"""\
+table {NFT_FAMILY} {NFT_TABLE}
+delete table {NFT_FAMILY} {NFT_TABLE}
+table {NFT_FAMILY} {NFT_TABLE} {{{isolated_set}
+    chain isolate_forward {{
+        type filter hook forward priority 0; policy accept;{forward}
+    }}{host_chains}
 }}
 """
 
 
-def apply_isolation(hosts: Iterable[Host]) -> None:
-    """Make the table match HOSTS in one transaction (no table at all when empty)."""
-    run(["nft", "-f", "-"], input_text=nft_ruleset(hosts))
+def apply_isolation(hosts: Iterable[Host], cut_ports: Iterable[tuple[Host, int]] = ()) -> None:
+    """Make the table match HOSTS and CUT_PORTS in one transaction (no table at all when empty)."""
+    run(["nft", "-f", "-"], input_text=nft_ruleset(hosts, cut_ports))
 
 
 def nft_table_exists() -> bool:

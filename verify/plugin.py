@@ -193,15 +193,32 @@ def client_urls(state: RunState, cluster: Cluster) -> list[str]:
     return alive or cluster.client_urls
 
 
+def fail_if_silent(state: RunState, node: Node) -> None:
+    """Fails at once when a connection to the node's address timed out earlier in this run: an
+    address that drops packets (a partition, a dead host) would cost every check its timeout."""
+    key = f"silent:{node.address}"
+    if key in state.unreachable:
+        pytest.fail(f"{node.host}: not tried: {state.unreachable[key]}", pytrace=False)
+
+
+def note_silence(state: RunState, node: Node, what: str) -> None:
+    """Records a connection attempt that timed out (a refusal is an answer, a slow reply too)."""
+    state.unreachable.setdefault(f"silent:{node.address}", f"{what} timed out earlier in this run")
+
+
 def monitor_reply(state: RunState, node: Node, path: str) -> monitor.Reply:
     """A monitor endpoint of the node, any HTTP status; a node whose monitor did not answer once
     fails at once."""
     key = f"monitor:{node.host}"
     if key in state.unreachable:
         pytest.fail(f"{node.host}: {state.unreachable[key]}", pytrace=False)
+    fail_if_silent(state, node)
     try:
         return monitor.get(node.monitor_url, path, timeout=min(3.0, max(0.5, state.remaining())))
     except monitor.MonitorUnreachable as error:
+        # urllib wraps a timeout while connecting in URLError; one while reading it raises bare.
+        if isinstance(getattr(error.__cause__, "reason", None), TimeoutError):
+            note_silence(state, node, f"connecting to {node.monitor_url}")
         state.unreachable[key] = f"monitor port not answering ({error})"
         pytest.fail(f"{node.host}: {state.unreachable[key]}", pytrace=False)
 

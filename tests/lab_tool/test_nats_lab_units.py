@@ -130,6 +130,13 @@ def test_nft_ruleset_names_no_reserved_words() -> None:
     assert f'"{lab.hosts[0].veth}"' in rules
     assert "hook forward" in rules
     assert " fwd " not in rules
+    # A cut port: TCP to and from that port on the host's veth, both ways, nothing else.
+    cut = net.nft_ruleset([], [(lab.hosts[1], 6222)])
+    quoted = f'"{lab.hosts[1].veth}"'
+    for way in ("iifname", "oifname"):
+        for end in ("dport", "sport"):
+            assert f"{way} {quoted} tcp {end} 6222 drop" in cut, cut
+    assert "@isolated" not in cut and "hook input" not in cut
     # An empty partition set removes the table altogether.
     assert net.nft_ruleset([]).strip().endswith(f"delete table bridge {net.NFT_TABLE}")
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import nats
 import pytest
+from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
@@ -55,6 +57,70 @@ def test_routes_reach_every_peer(nats_node: Node, nats_cluster: Cluster, verify_
     reached = {r["remote_name"] for r in routes}
     peers = {n.server_name for n in nats_cluster.nodes} - {nats_node.server_name}
     assert peers <= reached, f"{nats_node.host}: no route to {', '.join(sorted(peers - reached))}"
+
+
+# How long a request may take to cross one route, retries for interest to propagate included.
+ROUTE_CROSSING_SECONDS = 2.0
+
+
+@pytest.mark.runbook("cluster")
+def test_messages_cross_every_route(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """A request from each node to a responder on each other node, in the application account.
+
+    /routez lists a route that is stalled (after a partition heals, TCP waits out its
+    retransmission backoff) and /healthz stays 200, yet nothing crosses it: only traffic shows it.
+    """
+    prefix = f"_verify.routes.{verify_state.run_id}"
+    nodes = [
+        n
+        for n in nats_cluster.nodes
+        if not {f"monitor:{n.host}", f"silent:{n.address}"} & set(verify_state.unreachable)
+    ]
+
+    async def ask(source: Client, target: str) -> bool:
+        deadline = asyncio.get_running_loop().time() + ROUTE_CROSSING_SECONDS
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                reply = await source.request(f"{prefix}.{target}", b"", timeout=0.3)
+                return reply.data == target.encode()
+            except nats.errors.NoRespondersError:
+                await asyncio.sleep(0.05)  # the responder's interest has not reached this node yet
+            except nats.errors.TimeoutError:
+                pass
+        return False
+
+    async def cross() -> list[str]:
+        attempts = await asyncio.gather(
+            *(connect([n.client_url], verify_state, login=nats_cluster.login()) for n in nodes),
+            return_exceptions=True,
+        )
+        connections = {n.host: c for n, c in zip(nodes, attempts, strict=True) if isinstance(c, Client)}
+        problems = [
+            f"{n.host}: no client connection ({c})"
+            for n, c in zip(nodes, attempts, strict=True)
+            if n.host not in connections
+        ]
+        try:
+            for host, nc in connections.items():
+
+                async def answer(msg: Msg, host: str = host) -> None:
+                    await msg.respond(host.encode())
+
+                await nc.subscribe(f"{prefix}.{host}", cb=answer)
+                await nc.flush(timeout=1)
+            pairs = [(a, b) for a in connections for b in connections if a != b]
+            crossed = await asyncio.gather(*(ask(connections[a], b) for a, b in pairs))
+            problems += [
+                f"{a} -> {b}: no reply within {ROUTE_CROSSING_SECONDS:.0f} s"
+                for (a, b), ok in zip(pairs, crossed, strict=True)
+                if not ok
+            ]
+        finally:
+            await asyncio.gather(*(nc.close() for nc in connections.values()), return_exceptions=True)
+        return problems
+
+    problems = asyncio.run(asyncio.wait_for(cross(), min(6.0, max(1.0, verify_state.remaining()))))
+    assert not problems, "messages do not cross the routes: " + "; ".join(problems)
 
 
 @pytest.mark.runbook("cluster")

@@ -19,7 +19,7 @@ import pytest
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, client_urls, monitor_json
+from verify.plugin import RunState, client_urls, fail_if_silent, monitor_json, note_silence
 
 pytestmark = pytest.mark.security
 
@@ -39,8 +39,15 @@ def size_in_bytes(size: Any) -> int:
     return int(match.group(1)) * int(pow(1024, exponent))
 
 
+class Silent(Exception):
+    """The address did not answer a connection attempt in time."""
+
+
 async def _read_info(host: str, port: int, seconds: float) -> tuple[dict[str, Any], Any, Any]:
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
+    except TimeoutError:
+        raise Silent(f"{host}:{port} did not answer within {seconds:.0f} s") from None
     line = await asyncio.wait_for(reader.readline(), seconds)
     if not line.startswith(b"INFO "):
         writer.close()
@@ -56,11 +63,16 @@ def _split(url: str) -> tuple[str, int]:
 @pytest.mark.runbook("security")
 def test_plaintext_client_refused(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
     """A client that logs in without TLS (with the right password) gets nothing back."""
+    fail_if_silent(verify_state, nats_node)
     host, port = _split(nats_node.client_url)
     seconds = budget(verify_state)
 
     async def attempt() -> tuple[dict[str, Any], bytes]:
-        info, reader, writer = await _read_info(host, port, seconds)
+        try:
+            info, reader, writer = await _read_info(host, port, seconds)
+        except Silent as silence:
+            note_silence(verify_state, nats_node, f"connecting to {host}:{port}")
+            raise AssertionError(f"{nats_node.host}: {silence}") from None
         try:
             # The real password: only the missing TLS may be the reason for the refusal.
             app = nats_cluster.app
@@ -85,6 +97,7 @@ def test_plaintext_client_refused(nats_node: Node, nats_cluster: Cluster, verify
 def test_route_port_requires_mutual_tls(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
     """A peer without a certificate from the cluster's CA learns nothing: in plaintext it gets no
     greeting, and over TLS the server asks for its certificate and ends the handshake."""
+    fail_if_silent(verify_state, nats_node)
     host = str(nats_node["nats_server_cluster_host"]).replace("0.0.0.0", nats_node.address)
     port = int(nats_node["nats_server_cluster_port"])
     seconds = budget(verify_state, 2.0)
@@ -94,7 +107,10 @@ def test_route_port_requires_mutual_tls(nats_node: Node, nats_cluster: Cluster, 
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(host, port, ssl=context, server_hostname=host if context else None), seconds
             )
-        except (OSError, TimeoutError) as error:
+        except TimeoutError:
+            note_silence(verify_state, nats_node, f"connecting to {host}:{port}")
+            raise AssertionError(f"{nats_node.host}: {host}:{port} did not answer within {seconds:.0f} s") from None
+        except OSError as error:
             return b"", f"{type(error).__name__}: {error}"
         try:
             return await asyncio.wait_for(reader.read(512), wait), ""
@@ -209,7 +225,7 @@ def _not_after(when: str) -> datetime:
     return datetime.strptime(when, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
 
 
-def _check_served_certificate(node: Node, ca_file: Path, seconds: float) -> None:
+def _check_served_certificate(state: RunState, node: Node, ca_file: Path, seconds: float) -> None:
     """The certificate the monitor port serves, checked against the cluster's CA and the node's
     address (ssl does both)."""
     host, port = _split(node.monitor_url)
@@ -222,6 +238,9 @@ def _check_served_certificate(node: Node, ca_file: Path, seconds: float) -> None
     except urllib.error.HTTPError:
         pass  # an answer: the handshake (the chain and the name) succeeded
     except urllib.error.URLError as error:
+        if isinstance(error.reason, TimeoutError):
+            note_silence(state, node, f"connecting to {node.monitor_url}")
+            pytest.fail(f"{node.host}: {host}:{port} did not answer within {seconds:.0f} s", pytrace=False)
         pytest.fail(f"{node.host}: the certificate on {host}:{port} does not check out: {error.reason}", pytrace=False)
 
 
@@ -229,7 +248,8 @@ def _check_served_certificate(node: Node, ca_file: Path, seconds: float) -> None
 def test_certificates_chain_to_the_ca_and_are_not_expiring(
     nats_node: Node, nats_cluster: Cluster, verify_state: RunState, request: pytest.FixtureRequest
 ) -> None:
-    _check_served_certificate(nats_node, nats_cluster.ca_file, budget(verify_state))
+    fail_if_silent(verify_state, nats_node)
+    _check_served_certificate(verify_state, nats_node, nats_cluster.ca_file, budget(verify_state))
     varz = monitor_json(verify_state, nats_node, "/varz")
     loaded = {"client": varz.get("tls_cert_not_after"), "route": (varz.get("cluster") or {}).get("tls_cert_not_after")}
     assert all(loaded.values()), f"{nats_node.host}: the server reports no certificate for {loaded}"
