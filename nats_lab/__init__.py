@@ -1,8 +1,8 @@
 """nats-lab: the local lab for the NATS roles (three systemd-nspawn hosts on a private bridge).
 
 Commands: ``nats-lab up | down | status [--json] | ssh HOST -- CMD | fault KIND HOST | heal [HOST]``
-with KIND one of stop, kill, isolate, cut-routes (``--port``, default 6222), stale-storage. Addresses, bridge, mirror port and the ssh
-key come from inventory/lab/hosts.yml.
+with KIND one of stop, kill, isolate, cut-routes (``--port``, default 6222), stale-storage.
+Addresses, bridge, mirror port and the ssh key come from inventory/lab/hosts.yml.
 
 What the roles see in the lab:
 - the NFS share stand-in: fstype ``cimnfs`` (mount helper /usr/sbin/mount.cimnfs), source
