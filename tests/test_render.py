@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import subprocess
 from pathlib import Path
 
 import bcrypt
 import pytest
+from cryptography import x509
 from hypothesis import HealthCheck, given, settings
 
 from tests.clusters import Cluster, clusters, render_config, routes_of
@@ -98,3 +100,17 @@ def assert_logins_hashed(text: str) -> None:
     assert re.search(r"^https: ", text, re.M) and not re.search(r"^http: ", text, re.M)
     assert text.count("tls {") == 2 and "verify: true" in text
     assert 'system_account: "SYS"' in text
+
+
+def test_each_issued_certificate_names_every_member(offline_pki: Path) -> None:
+    """Client failover needs it: a client given one member's address checks the members it
+    learns against that address (docs/security.md, TLS)."""
+    hostvars = inventory_vars(LAB_INVENTORY)["_meta"]["hostvars"]
+    addresses = {ipaddress.ip_address(v["ansible_host"]) for v in hostvars.values()}
+    assert len(addresses) == 3
+    for host in hostvars:
+        certificate = x509.load_pem_x509_certificate((offline_pki / f"{host}.crt").read_bytes())
+        names = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        ips = set(names.get_values_for_type(x509.IPAddress))
+        assert addresses <= ips, f"{host}: SANs {sorted(map(str, ips))} miss {sorted(map(str, addresses - ips))}"
+        assert ipaddress.ip_address("127.0.0.1") in ips and host in names.get_values_for_type(x509.DNSName)

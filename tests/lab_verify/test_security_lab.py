@@ -19,6 +19,7 @@ from tests.helpers import (
     LAB_INVENTORY,
     failed_checks,
     nats_verify,
+    on,
     recap,
     run_playbook,
     service_identities,
@@ -89,6 +90,44 @@ def test_a_client_trusting_another_ca_is_refused_by_its_own_check(deployed_lab: 
         return ""
 
     assert "CERTIFICATE_VERIFY_FAILED" in asyncio.run(attempt())
+
+
+def test_a_client_given_one_address_fails_over_to_the_members_it_learns(deployed_lab: Cluster) -> None:
+    """As the CIM's tools connect (one --server): that server stops, and the client carries on
+    through a member it learned from it, over TLS checked against the address it was given."""
+    known = deployed_lab.node("nats-2")
+
+    async def fail_over() -> str:
+        reconnected = asyncio.Event()
+
+        async def on_reconnect() -> None:
+            reconnected.set()
+
+        nc = await nats.connect(
+            [known.client_url],
+            connect_timeout=3,
+            reconnect_time_wait=0.5,
+            max_reconnect_attempts=30,
+            reconnected_cb=on_reconnect,
+            **deployed_lab.login(),
+        )
+        try:
+            learned = {s.hostname for s in nc.servers} - {known.address}
+            assert len(learned) == len(deployed_lab.nodes) - 1, f"learned only {learned}"
+            await asyncio.to_thread(on, known.host, "systemctl stop nats-server")
+            await asyncio.wait_for(reconnected.wait(), 30)
+            assert nc.connected_url is not None and nc.connected_url.hostname != known.address
+            await nc.jetstream(timeout=5).account_info()
+            return str(nc.connected_url.hostname)
+        finally:
+            await nc.close()
+
+    try:
+        now_on = asyncio.run(fail_over())
+    finally:
+        on(known.host, "systemctl start nats-server")
+    wait_healthy(deployed_lab)
+    print(f"a client given only {known.address} failed over to {now_on}")
 
 
 def _loaded_not_after(cluster: Cluster) -> dict[str, str]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import ssl
 import urllib.error
 import urllib.request
@@ -262,6 +263,33 @@ def test_certificates_chain_to_the_ca_and_are_not_expiring(
             verify_state.warnings.append(
                 f"{nats_node.host}: the {use} certificate expires in {days:.0f} days ({when}); renew it"
             )
+
+
+@pytest.mark.runbook("certificates")
+def test_certificate_lets_clients_fail_over(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
+    """The node's certificate is valid for every member's address. A client given one member's
+    address learns the others as bare IPs, and nats-py (like the Go client) checks their
+    certificates against the address it was given: without this, it cannot fail over."""
+    fail_if_silent(verify_state, nats_node)
+    host, port = _split(nats_node.monitor_url)
+    context = nats_cluster.tls_context()
+    refused = []
+    for member in nats_cluster.nodes:
+        try:
+            with (
+                socket.create_connection((host, port), timeout=budget(verify_state, 2.0)) as raw,
+                context.wrap_socket(raw, server_hostname=member.address),
+            ):
+                pass
+        except ssl.SSLCertVerificationError:
+            refused.append(f"{member.address} ({member.host})")
+        except TimeoutError:
+            note_silence(verify_state, nats_node, f"connecting to {host}:{port}")
+            pytest.fail(f"{nats_node.host}: {host}:{port} did not answer", pytrace=False)
+    assert not refused, (
+        f"{nats_node.host}: its certificate is not valid for {', '.join(refused)}: a client given that "
+        f"address cannot fail over to {nats_node.host}"
+    )
 
 
 @pytest.mark.runbook("security")
