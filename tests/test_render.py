@@ -21,6 +21,7 @@ from tests.helpers import (
     ansible_env,
     inventory_vars,
     offline_vars,
+    recap,
     run_playbook,
 )
 
@@ -114,3 +115,21 @@ def test_each_issued_certificate_names_every_member(offline_pki: Path) -> None:
         ips = set(names.get_values_for_type(x509.IPAddress))
         assert addresses <= ips, f"{host}: SANs {sorted(map(str, ips))} miss {sorted(map(str, addresses - ips))}"
         assert ipaddress.ip_address("127.0.0.1") in ips and host in names.get_values_for_type(x509.DNSName)
+
+
+def test_issuing_again_changes_no_certificate(offline_pki: Path) -> None:
+    """A re-issued certificate means a reload on every deploy: the SAN list must come out in the
+    same order every run (a set-ordered filter once made it differ from process to process)."""
+    for _ in range(2):
+        result = run_playbook(
+            "certificates.yml",
+            LAB_INVENTORY,
+            "-e",
+            "nats_pki_issue_certificates=true",
+            "-e",
+            f"nats_pki_dir={offline_pki}",
+            timeout=120,
+        )
+        assert result.returncode == 0, result.stdout[-3000:]
+        changed = {host: counts["changed"] for host, counts in recap(result.stdout).items()}
+        assert changed and not any(changed.values()), changed
