@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import statistics
-import subprocess
-import sys
+import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -24,11 +23,10 @@ import nats
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
+from tests.helpers import LAB_INVENTORY, nats_lab, nats_verify, verify_until_green
 from verify import eventstore as es
 from verify.inventory import Cluster, load_cluster
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
 STREAM = "BENCH_EVENTS"
 PREFIX = "bench.infrastructure"
 REPLAY_EVENTS = 10_000
@@ -39,39 +37,25 @@ FAULTY_NODE = "nats-3"
 GREEN_WITHIN_SECONDS = 180
 
 
-def verify_run() -> tuple[float, int]:
-    """Wall seconds and exit code of one nats-verify run."""
-    start = time.monotonic()
-    run = subprocess.run([str(BIN / "nats-verify"), "-i", "inventory/lab"], cwd=REPO, capture_output=True, check=False)
-    return time.monotonic() - start, run.returncode
+def lab(*args: str) -> None:
+    result = nats_lab(*args)
+    if result.returncode != 0:
+        raise SystemExit(f"nats-lab {' '.join(args)} failed: {result.stderr.strip()}")
 
 
-def nats_lab(*args: str) -> None:
-    subprocess.run([str(BIN / "nats-lab"), *args], cwd=REPO, capture_output=True, check=True)
-
-
-def seconds_until_green() -> float:
-    """From now until a verify run passes (the run included): what an operator waits after a heal."""
-    start = time.monotonic()
-    while time.monotonic() - start < GREEN_WITHIN_SECONDS:
-        if verify_run()[1] == 0:
-            return time.monotonic() - start
-        time.sleep(1)
-    return float("inf")
-
-
-def fault_figures() -> dict[str, tuple[float, float]]:
+def fault_figures(workdir: Path) -> dict[str, tuple[float, float]]:
     """Per fault: verify's wall time with it, and seconds from the heal to a green verify."""
     figures = {}
     for fault in FAULTS:
-        nats_lab("fault", fault, FAULTY_NODE)
+        lab("fault", fault, FAULTY_NODE)
         try:
-            failing, code = verify_run()
+            code, _, failing, _ = nats_verify(workdir)
         finally:
-            nats_lab("heal", FAULTY_NODE)
+            lab("heal", FAULTY_NODE)
         if code == 0:
             raise SystemExit(f"verify passed with {fault} on {FAULTY_NODE}")
-        figures[fault] = (failing, seconds_until_green())
+        code, _, _, green_after = verify_until_green(workdir, GREEN_WITHIN_SECONDS)
+        figures[fault] = (failing, green_after if code == 0 else float("inf"))
     return figures
 
 
@@ -177,11 +161,12 @@ async def eventstore_figures(cluster: Cluster) -> dict[str, float]:
 
 
 def main() -> None:
-    cluster = load_cluster(REPO / "inventory" / "lab")
-    healthy, code = verify_run()
-    if code != 0:
-        raise SystemExit("verify fails on the lab before any fault: deploy it first (make lab)")
-    faults = fault_figures()
+    cluster = load_cluster(LAB_INVENTORY)
+    with tempfile.TemporaryDirectory() as workdir:
+        code, _, healthy, _ = nats_verify(Path(workdir))
+        if code != 0:
+            raise SystemExit("verify fails on the lab before any fault: deploy it first (make lab)")
+        faults = fault_figures(Path(workdir))
     f = asyncio.run(eventstore_figures(cluster))
     print(f"{'figure':48} {'value':>12} {'baseline':>12} {'ratio':>8}  goal")
     print(f"{'nats-verify wall, healthy (s)':48} {healthy:12.2f} {'':>12} {'':>8}  <= 10 s")

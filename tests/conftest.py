@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, nats_lab, run_playbook
+from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, issue_certificates, nats_lab, run_playbook
 from verify.inventory import Cluster, load_cluster
 
 LAB_WAS_UP = pytest.StashKey[bool]()
@@ -38,16 +38,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def offline_pki() -> Path:
     """A CA and certificates for nats-1..3 in build/test-pki, from the nats_pki role (contacts no
     host; kept between runs, reissued when close to expiry)."""
-    result = run_playbook(
-        "certificates.yml",
-        LAB_INVENTORY,
-        "-e",
-        "nats_pki_issue_certificates=true",
-        "-e",
-        f"nats_pki_dir={OFFLINE_PKI}",
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    issue_certificates(pki_dir=OFFLINE_PKI)
     return OFFLINE_PKI
 
 

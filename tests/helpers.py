@@ -36,13 +36,33 @@ OFFLINE_PASSWORDS = {
 }
 
 
-def load_filter_plugin(name: str) -> Any:
-    """One of plugins/filter/*.py as a plain module (they are plain Python)."""
-    spec = importlib.util.spec_from_file_location(name, REPO / "plugins" / "filter" / f"{name}.py")
+def _load_file(name: str, path: Path, *aliases: str) -> Any:
+    """A Python file as a module (plugins/ is no package), registered under its name and the
+    aliases (dataclasses, and the modules' `ansible.module_utils` imports, look it up there)."""
+    spec = importlib.util.spec_from_file_location(name, path)
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
+    for key in (name, *aliases):
+        sys.modules[key] = module
     spec.loader.exec_module(module)
     return module
+
+
+def load_filter_plugin(name: str) -> Any:
+    """One of plugins/filter/*.py as a plain module (they are plain Python)."""
+    return _load_file(name, REPO / "plugins" / "filter" / f"{name}.py")
+
+
+def load_module_util(name: str) -> Any:
+    """One of plugins/module_utils/*.py, also as `ansible.module_utils.<name>` (how modules import it)."""
+    return _load_file(name, REPO / "plugins" / "module_utils" / f"{name}.py", f"ansible.module_utils.{name}")
+
+
+def load_plugin_module(name: str) -> Any:
+    """One of plugins/modules/*.py as Ansible runs it, its module_utils served from the checkout."""
+    for util in sorted(p.stem for p in (REPO / "plugins" / "module_utils").glob("*.py")):
+        load_module_util(util)
+    return _load_file(name, REPO / "plugins" / "modules" / f"{name}.py")
 
 
 def offline_vars(directory: Path) -> str:
@@ -158,6 +178,20 @@ def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float,
     return result.returncode, data, elapsed, result.stdout + result.stderr
 
 
+def verify_until_green(tmp_path: Path, within: float) -> tuple[int, dict[str, Any], str, float]:
+    """nats-verify again and again until it passes or `within` seconds have gone (a single run
+    when 0): what an operator waits after a heal. Returns the last run's code, report and output,
+    and the seconds from the first run's start; each failing run's checks are printed."""
+    start = time.monotonic()
+    while True:
+        code, report, _, output = nats_verify(tmp_path)
+        waited = time.monotonic() - start
+        if code == 0 or waited >= within:
+            return code, report, output, waited
+        print(f"verify still failing after {waited:.1f} s: {failed_checks(report)}")
+        time.sleep(1)
+
+
 def failed_checks(report: dict[str, Any]) -> dict[str, str]:
     return {c["nodeid"].split("::")[-1]: c["symptom"] for c in report.get("checks", []) if c["outcome"] == "failed"}
 
@@ -172,6 +206,16 @@ def on(host: str, command: str, timeout: float = 60) -> str:
     result = nats_lab("ssh", host, "--", command, timeout=timeout)
     assert result.returncode == 0, f"{host}: {command}\n{result.stdout}\n{result.stderr}"
     return result.stdout
+
+
+def issue_certificates(*extra: str, pki_dir: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """playbooks/certificates.yml (the nats_pki role, on the controller only): into the lab's
+    PKI, or with `pki_dir` into that directory whatever the inventory says."""
+    if pki_dir is not None:
+        extra = (*extra, "-e", "nats_pki_issue_certificates=true", "-e", f"nats_pki_dir={pki_dir}")
+    result = run_playbook("certificates.yml", LAB_INVENTORY, *extra, timeout=120)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    return result
 
 
 def recap(output: str) -> dict[str, dict[str, int]]:

@@ -4,30 +4,15 @@ each rule alone keeps a consumer, the idle boundary is exact, the pattern restri
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import REPO
+from tests.helpers import load_module_util
 
-
-def _load() -> ModuleType:
-    # From the checkout, as Ansible ships it: plugins/ is no package.
-    name = "jetstream_consumer_staleness"
-    spec = importlib.util.spec_from_file_location(name, REPO / "plugins/module_utils" / f"{name}.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-staleness = _load()
+staleness = load_module_util("jetstream_consumer_staleness")
 NANOS: int = staleness.NANOS
 Consumer, Rules, classify, table = staleness.Consumer, staleness.Rules, staleness.classify, staleness.table
 human_duration, parse_time = staleness.human_duration, staleness.parse_time

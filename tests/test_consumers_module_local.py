@@ -6,22 +6,20 @@ inactive threshold, errors; and the recheck before deletion, run in-process."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import nats
 import pytest
 import yaml
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from tests.helpers import REPO, ansible_env, run_playbook
+from tests.helpers import REPO, ansible_env, load_plugin_module, run_playbook
 from tests.local_nats import free_port, local_jetstream
 
 STREAM = "EVENTS"
@@ -288,20 +286,7 @@ def test_errors_name_the_problem(tmp_path: Path, world: tuple[str, list[str]]) -
 
 
 def load_module() -> ModuleType:
-    """The module file itself, its `ansible.module_utils` imports served from plugins/module_utils."""
-    for name in ("jetstream_api", "jetstream_stream_spec", "jetstream_consumer_staleness"):
-        spec = importlib.util.spec_from_file_location(name, REPO / "plugins/module_utils" / f"{name}.py")
-        assert spec and spec.loader
-        util = importlib.util.module_from_spec(spec)
-        sys.modules[name] = sys.modules[f"ansible.module_utils.{name}"] = util
-        spec.loader.exec_module(util)
-    spec = importlib.util.spec_from_file_location(
-        "jetstream_consumers", REPO / "plugins/modules/jetstream_consumers.py"
-    )
-    assert spec and spec.loader
-    module = sys.modules["jetstream_consumers"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return cast(ModuleType, load_plugin_module("jetstream_consumers"))
 
 
 def test_recheck_keeps_a_consumer_that_came_alive(tmp_path: Path) -> None:

@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 import pytest
 from hypothesis import given, settings
 
 from tests.clusters import Cluster, clusters
-from tests.helpers import REPO
+from tests.helpers import load_filter_plugin
 
 # The generated clusters name the offline certificates.
 pytestmark = pytest.mark.usefixtures("offline_pki")
 
 
-def _load_rules() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("nats_preflight", REPO / "plugins/filter/nats_preflight.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-rules = _load_rules()
+rules = load_filter_plugin("nats_preflight")
 
 
 def problems_of(cluster: Cluster) -> list[str]:

@@ -20,6 +20,7 @@ from tests.helpers import (
     PHX_INVENTORY,
     ansible_env,
     inventory_vars,
+    issue_certificates,
     offline_vars,
     recap,
     run_playbook,
@@ -121,15 +122,6 @@ def test_issuing_again_changes_no_certificate(offline_pki: Path) -> None:
     """A re-issued certificate means a reload on every deploy: the SAN list must come out in the
     same order every run (a set-ordered filter once made it differ from process to process)."""
     for _ in range(2):
-        result = run_playbook(
-            "certificates.yml",
-            LAB_INVENTORY,
-            "-e",
-            "nats_pki_issue_certificates=true",
-            "-e",
-            f"nats_pki_dir={offline_pki}",
-            timeout=120,
-        )
-        assert result.returncode == 0, result.stdout[-3000:]
+        result = issue_certificates(pki_dir=offline_pki)
         changed = {host: counts["changed"] for host, counts in recap(result.stdout).items()}
         assert changed and not any(changed.values()), changed

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import nats
 import pytest
 import yaml
 
-from tests.helpers import REPO, ansible_env, run_playbook
+from tests.helpers import REPO, ansible_env, load_plugin_module, run_playbook
 from tests.local_nats import local_jetstream
 
 EVENTS, BIG = "SNAP_EVENTS", "SNAP_BIG"
@@ -285,16 +284,8 @@ def test_restore_into_a_fresh_server(source: Source, backup: Path, tmp_path: Pat
         assert read(fresh) == (source.streams, source.consumer)
 
 
-def load_module() -> Any:
-    spec = importlib.util.spec_from_file_location("jetstream_snapshot", REPO / "plugins/modules/jetstream_snapshot.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_only_the_streams_own_limits_excuse_missing_messages() -> None:
-    aged_out = load_module().aged_out
+    aged_out = load_plugin_module("jetstream_snapshot").aged_out
     now = datetime(2026, 6, 1, tzinfo=UTC)
     entry = {"messages": 100, "first_seq": 1, "last_seq": 100}
     day = 86400 * 10**9

@@ -187,10 +187,19 @@ def nats_host(nats_node: Node, verify_state: RunState) -> Any:
     return verify_state.hosts[nats_node.host]
 
 
+def answering_nodes(state: RunState, cluster: Cluster) -> list[Node]:
+    """The nodes not already known to be down: their monitor did not answer, or a connection to
+    their address timed out, earlier in this run."""
+    return [
+        n
+        for n in cluster.nodes
+        if f"monitor:{n.host}" not in state.unreachable and f"silent:{n.address}" not in state.unreachable
+    ]
+
+
 def client_urls(state: RunState, cluster: Cluster) -> list[str]:
     """Client URLs of the nodes not already known to be down (all of them if none is left)."""
-    alive = [n.client_url for n in cluster.nodes if f"monitor:{n.host}" not in state.unreachable]
-    return alive or cluster.client_urls
+    return [n.client_url for n in answering_nodes(state, cluster)] or cluster.client_urls
 
 
 def fail_if_silent(state: RunState, node: Node) -> None:

@@ -23,21 +23,9 @@ description:
   - A pull consumer whose client polls a stream that stays empty looks idle between its pulls
     (nothing is delivered, so nothing advances); choose I(stale_after) well above the longest
     quiet period of such streams.
+extends_documentation_fragment:
+  - jetstream_connection
 options:
-  servers:
-    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
-    type: list
-    elements: str
-    required: true
-  user:
-    description: The user to log in as (the application account's), if the cluster requires one.
-    type: str
-  password:
-    description: Its password.
-    type: str
-  tls_ca_file:
-    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
-    type: path
   streams:
     description: Streams to examine; empty means every stream in the account.
     type: list

@@ -25,21 +25,9 @@ description:
   - A restore the server rejects part way leaves a partial stream behind; the module deletes that
     stream (it did not exist before) and fails, so a second run can start clean.
   - Snapshot archives from nats-server 2.15 use a new format that older servers cannot restore.
+extends_documentation_fragment:
+  - jetstream_connection
 options:
-  servers:
-    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
-    type: list
-    elements: str
-    required: true
-  user:
-    description: The user to log in as (the application account's), if the cluster requires one.
-    type: str
-  password:
-    description: Its password.
-    type: str
-  tls_ca_file:
-    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
-    type: path
   state:
     description: C(saved) writes snapshots to I(path); C(restored) restores them from I(path).
     type: str

@@ -15,21 +15,9 @@ description:
     lowered max_age/max_bytes/max_msgs) unless I(allow_destructive) is set; a storage type change
     is refused always, because NATS cannot change it in place.
   - Every change is checked before any is applied, so a refused declaration changes nothing.
+extends_documentation_fragment:
+  - jetstream_connection
 options:
-  servers:
-    description: Client URLs of the cluster (tls://host:port, or nats:// without TLS).
-    type: list
-    elements: str
-    required: true
-  user:
-    description: The user to log in as (the application account's), if the cluster requires one.
-    type: str
-  password:
-    description: Its password.
-    type: str
-  tls_ca_file:
-    description: CA certificate file that signed the servers' certificates (for tls:// URLs).
-    type: path
   streams:
     description:
       - Declared streams. Keys name, subjects, storage, replicas are required; optional keys are

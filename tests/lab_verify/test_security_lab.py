@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from tests.helpers import (
     LAB_INVENTORY,
     failed_checks,
+    issue_certificates,
     nats_verify,
     on,
     recap,
@@ -134,18 +135,13 @@ def _loaded_not_after(cluster: Cluster) -> dict[str, str]:
     return {n.host: monitor.get_json(n.monitor_url, "/varz")["tls_cert_not_after"] for n in cluster.nodes}
 
 
-def _issue(*extra: str) -> None:
-    result = run_playbook("certificates.yml", LAB_INVENTORY, *extra, timeout=120)
-    assert result.returncode == 0, result.stdout[-3000:]
-
-
 @pytest.fixture
 def short_lived_certificates(deployed_lab: Cluster) -> Iterator[Cluster]:
     """Every node's certificate reissued for 10 days (a renewal window longer than a year forces
     it); afterwards reissued for the default year and deployed again."""
-    _issue("-e", "nats_pki_valid_days=10", "-e", "nats_pki_renew_within_days=400")
+    issue_certificates("-e", "nats_pki_valid_days=10", "-e", "nats_pki_renew_within_days=400")
     yield deployed_lab
-    _issue()  # the 10-day certificates are inside the default 30-day window: a year again
+    issue_certificates()  # the 10-day certificates are inside the default 30-day window: a year again
     result = run_playbook("site.yml", LAB_INVENTORY, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     wait_healthy(deployed_lab)

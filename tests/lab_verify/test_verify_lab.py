@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
-from tests.helpers import failed_checks, nats_lab, nats_verify, wait_healthy
+from tests.helpers import failed_checks, nats_lab, nats_verify, verify_until_green, wait_healthy
 from verify import monitor
 from verify.inventory import Cluster
 
@@ -135,11 +134,6 @@ def test_fault_is_named_within_30_seconds_and_heals(
     assert not host_failures_elsewhere, host_failures_elsewhere
     print(f"{fault} on {TARGET}: verify failed in {elapsed:.1f} s with {len(failures)} failing checks")
     wait_healthy(deployed_lab)
-    healed_at = time.monotonic()
-    code, report, _, output = nats_verify(tmp_path)
-    while code != 0 and fault in NETWORK_FAULTS and time.monotonic() - healed_at < CONVERGE_SECONDS:
-        print(f"after heal of {fault}: {failed_checks(report)}")
-        time.sleep(1)
-        code, report, _, output = nats_verify(tmp_path)
+    code, report, output, waited = verify_until_green(tmp_path, CONVERGE_SECONDS if fault in NETWORK_FAULTS else 0)
     assert code == 0, f"still failing after heal of {fault}:\n{output[-3000:]}"
-    print(f"{fault}: verify green {time.monotonic() - healed_at:.1f} s after the cluster answered healthy")
+    print(f"{fault}: verify green {waited:.1f} s after the cluster answered healthy")

@@ -12,7 +12,7 @@ from nats.aio.msg import Msg
 
 from verify.client import connect
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, client_urls, monitor_json, monitor_reply
+from verify.plugin import RunState, answering_nodes, client_urls, monitor_json, monitor_reply
 from verify.streams import stream_spec
 
 pytestmark = pytest.mark.cluster
@@ -71,11 +71,7 @@ def test_messages_cross_every_route(nats_cluster: Cluster, verify_state: RunStat
     retransmission backoff) and /healthz stays 200, yet nothing crosses it: only traffic shows it.
     """
     prefix = f"_verify.routes.{verify_state.run_id}"
-    nodes = [
-        n
-        for n in nats_cluster.nodes
-        if not {f"monitor:{n.host}", f"silent:{n.address}"} & set(verify_state.unreachable)
-    ]
+    nodes = answering_nodes(verify_state, nats_cluster)
 
     async def ask(source: Client, target: str) -> bool:
         deadline = asyncio.get_running_loop().time() + ROUTE_CROSSING_SECONDS
