@@ -73,7 +73,7 @@ test-lab: setup lab-deps
 	$(BIN)/pytest -m lab
 
 test: setup lab-deps lint
-	$(BIN)/pytest --durations=15
+	$(BIN)/pytest --durations=40
 
 bench: setup lab-deps
 	$(BIN)/python -m benchmarks.deploy

@@ -148,7 +148,9 @@ def wait_healthy(cluster: Cluster, seconds: float = 90, stable_for: float = 3) -
         states: dict[str, int | str] = {}
         for node in cluster.nodes:
             try:
-                states[node.host] = monitor.healthz(node.monitor_url, timeout=1).status
+                reply = monitor.healthz(node.monitor_url, timeout=1)
+                # A 503 says why (which stream or consumer is not current): keep it for the failure.
+                states[node.host] = reply.status if reply.status == 200 else f"{reply.status} {reply.body.strip()}"
             except monitor.MonitorUnreachable as error:
                 states[node.host] = str(error)
         if all(state == 200 for state in states.values()):

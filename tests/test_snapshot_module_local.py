@@ -318,3 +318,56 @@ def test_an_empty_stream_round_trips(tmp_path: Path) -> None:
         code, outcome, output = snapshot_module(tmp_path, url, state="restored", path=str(tmp_path / "backup"))
         assert code == 0 and outcome["changed"], output[-2000:]
         assert [(s["name"], s["messages"]) for s in outcome["streams"]] == [(EMPTY, 0)]
+
+
+def test_a_restore_chunk_waits_for_a_late_subscriber(tmp_path: Path) -> None:
+    """In a cluster the deliver subject's subscriber can show up just after the client learns the
+    subject: the chunk is sent again until it is heard, and heard exactly once."""
+    snapshot = load_plugin_module("jetstream_snapshot")
+    with local_jetstream(tmp_path) as url:
+
+        async def go() -> tuple[list[bytes], float]:
+            sender, receiver = await nats.connect(url), await nats.connect(url)
+            heard: list[bytes] = []
+
+            async def answer(msg: Any) -> None:
+                heard.append(msg.data)
+                await msg.respond(b"")
+
+            async def subscribe_late() -> None:
+                await asyncio.sleep(0.5)
+                await receiver.subscribe("restore.late", cb=answer)
+                await receiver.flush()
+
+            started = asyncio.get_running_loop().time()
+            late = asyncio.create_task(subscribe_late())
+            reply = await snapshot.send_chunk(sender, "restore.late", b"chunk-1", timeout=2)
+            waited = asyncio.get_running_loop().time() - started
+            await late
+            assert reply.data == b""
+            await asyncio.sleep(0.2)  # a doubled chunk would arrive by now
+            await sender.close()
+            await receiver.close()
+            return heard, waited
+
+        heard, waited = asyncio.run(go())
+    assert heard == [b"chunk-1"]
+    assert 0.5 <= waited < snapshot.UNHEARD_CHUNK_RETRY
+
+
+def test_a_restore_chunk_nobody_hears_fails_naming_the_subject(tmp_path: Path) -> None:
+    snapshot = load_plugin_module("jetstream_snapshot")
+    with local_jetstream(tmp_path) as url:
+
+        async def go() -> str:
+            nc = await nats.connect(url)
+            try:
+                await snapshot.send_chunk(nc, "restore.gone", b"chunk-1", timeout=2, retry_for=0.5)
+            except snapshot.NoResponders as error:
+                return str(error)
+            finally:
+                await nc.close()
+            raise AssertionError("a chunk nobody heard was reported as delivered")
+
+        message = asyncio.run(go())
+    assert message == "restore.gone: no responders for 0.5 s (the server abandoned the restore?)"

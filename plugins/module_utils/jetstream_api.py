@@ -43,6 +43,10 @@ class NoAnswer(ApiError):
     """Nobody answered: JetStream off, a stream without a leader, or a slow cluster."""
 
 
+class NoResponders(NoAnswer):
+    """Nobody was subscribed to the subject: the request reached no one."""
+
+
 class ConnectError(Exception):
     pass
 
@@ -52,7 +56,7 @@ async def request(nc: Any, subject: str, body: bytes, timeout: float) -> Any:
     try:
         return await nc.request(subject, body, timeout=timeout)
     except nats.errors.NoRespondersError:
-        raise NoAnswer(subject, "no responders (JetStream not enabled, or the stream has no leader?)") from None
+        raise NoResponders(subject, "no responders (JetStream not enabled, or the stream has no leader?)") from None
     except nats.errors.TimeoutError:
         raise NoAnswer(subject, f"no answer within {timeout:g} s") from None
 

@@ -137,8 +137,10 @@ from ansible.module_utils.basic import AnsibleModule
 from ansible.module_utils.jetstream_api import (
     CONNECTION_ARGUMENT_SPEC,
     JS_API,
+    STREAM_NOT_FOUND,
     ApiError,
     ConnectError,
+    NoResponders,
     api,
     connect,
     paged,
@@ -160,6 +162,12 @@ FORMAT = 1
 RESTORE_CHUNK = 128 * 1024
 # The server answers the final empty restore chunk only when the stream is stored and activated.
 FINAL_WAIT = 600.0
+# In a cluster the restore's answer (sent through the system account) can reach the client before
+# the stream leader's subscription to the deliver subject has crossed the account's own route, so
+# the first chunk may find no responder (seen about once in 16 cluster resets on the lab). Nobody
+# received it, so it is sent again for up to this long; the server gives a restore up after 5 s
+# without a chunk.
+UNHEARD_CHUNK_RETRY = 3.0
 SUMMARY_KEYS = ("messages", "bytes", "first_seq", "last_seq")
 
 # Protocol, as nats-server 2.15 implements it (server/jetstream_api.go: JSApiStreamSnapshotRequest,
@@ -408,10 +416,10 @@ async def restore_stream(nc: Any, path: Path, entry: dict[str, Any], timeout: fl
     try:
         with (path / Path(entry["snapshot_file"]).name).open("rb") as source:
             for chunk in iter(lambda: source.read(chunk_size), b""):
-                answer = await request(nc, deliver, chunk, idle)
+                answer = await send_chunk(nc, deliver, chunk, idle)
                 if answer.data:
                     raise SnapshotError(f"{name}: the server rejected a restore chunk: {reply_error(answer.data)}")
-        final = await request(nc, deliver, b"", FINAL_WAIT)
+        final = await send_chunk(nc, deliver, b"", FINAL_WAIT)
         if final.data and reply_error(final.data):
             raise SnapshotError(f"{name}: the server rejected the restore: {reply_error(final.data)}")
     except (SnapshotError, ApiError, nats.errors.Error, TimeoutError) as error:
@@ -419,6 +427,23 @@ async def restore_stream(nc: Any, path: Path, entry: dict[str, Any], timeout: fl
         cleaned = await delete_partial(nc, name, timeout)
         raise SnapshotError(f"{error} ({cleaned})") from None
     return meta
+
+
+async def send_chunk(
+    nc: Any, deliver: str, chunk: bytes, timeout: float, retry_for: float = UNHEARD_CHUNK_RETRY
+) -> Any:
+    """One restore chunk as a request; sent again while nobody is subscribed to `deliver` yet, for
+    up to `retry_for` seconds (see UNHEARD_CHUNK_RETRY)."""
+    deadline = time.monotonic() + retry_for
+    while True:
+        try:
+            return await request(nc, deliver, chunk, timeout)
+        except NoResponders:
+            if time.monotonic() >= deadline:
+                raise NoResponders(
+                    deliver, f"no responders for {retry_for:g} s (the server abandoned the restore?)"
+                ) from None
+            await asyncio.sleep(0.1)
 
 
 def reply_error(data: bytes) -> str:
@@ -435,12 +460,16 @@ def reply_error(data: bytes) -> str:
 
 
 async def delete_partial(nc: Any, name: str, timeout: float) -> str:
+    # Deleted without asking for its info first: a restore its leader gave up on leaves the stream's
+    # assignment in the meta state with no stream to describe, and only a delete removes it.
     try:
-        if await stream_info(nc, name, timeout) is None:
-            return "no partial stream was left"
         await api(nc, f"{API}.STREAM.DELETE.{name}", None, timeout)
         return "the partial stream it left was deleted"
-    except (SnapshotError, ApiError, nats.errors.Error, TimeoutError) as error:
+    except ApiError as error:
+        if error.err_code == STREAM_NOT_FOUND:
+            return "no partial stream was left"
+        return f"a partial stream may be left; delete it before retrying ({error})"
+    except (nats.errors.Error, TimeoutError) as error:
         return f"a partial stream may be left; delete it before retrying ({error})"
 
 
