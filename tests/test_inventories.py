@@ -34,6 +34,9 @@ LAB_ONLY_DIFFERENCES = {
     "nats_server_app_password",
     "nats_server_system_password",
     "nats_server_route_password",
+    # Shorter than production's on purpose: clients are moved away sooner (harsher), and every
+    # restart with clients connected costs the suite this long (inventory/lab site.yml).
+    "nats_server_lame_duck_grace_period_seconds",
 }
 
 
