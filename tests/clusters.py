@@ -17,6 +17,11 @@ _secrets = load_filter_plugin("nats_secrets")
 PASSWORD_HASHES = {
     f"_{name}_hash": _secrets.nats_bcrypt(password, f"offline/{name}") for name, password in OFFLINE_PASSWORDS.items()
 }
+# One application like the CIM, its user as the role renders it.
+CLIENT_USERS = _secrets.nats_app_client_users(
+    [{"name": "app", "password": OFFLINE_PASSWORDS["nats_server_client_cim_password"], "streams": ["EVENTS"]}],
+    "offline",
+)
 # Every generated node uses nats-1's files: nats-server -t loads them, nothing checks the names.
 TLS_FILES = {
     "_nats_server_tls_ca": str(OFFLINE_PKI / "ca.crt"),
@@ -47,6 +52,7 @@ class Cluster:
             "hostvars": hostvars,
             "nats_server_cluster_group": self.group,
             "_nats_server_pid_file": "/run/nats-server/nats-server.pid",
+            "_nats_server_app_client_users": CLIENT_USERS,
             **PASSWORD_HASHES,
             **TLS_FILES,
         }
@@ -56,6 +62,8 @@ class Cluster:
         ctx = self.context(host)
         keys = [k for k in ctx if k.startswith(("nats_server_", "jetstream_storage_")) and k not in OFFLINE_PASSWORDS]
         secrets = {name: _secrets.nats_secret_summary(ctx.get(name)) for name in OFFLINE_PASSWORDS}
+        # The preflight sees the applications with their passwords summarised.
+        ctx = ctx | {"nats_server_app_clients": _secrets.nats_app_client_summaries(ctx["nats_server_app_clients"])}
         return {"host": host, "secrets": secrets} | {k: ctx[k] for k in keys}
 
 
@@ -95,7 +103,8 @@ def clusters(draw: st.DrawFn) -> Cluster:
         "nats_server_tls_key_content_set": False,
         "nats_server_tls_timeout_seconds": draw(st.integers(1, 10)),
         "nats_server_app_account": "APP",
-        "nats_server_app_user": draw(names.filter(lambda name: name != "sys")),
+        "nats_server_app_admin_user": draw(names.filter(lambda name: name != "sys")),
+        "nats_server_app_clients": [],
         "nats_server_app_jetstream_limits": {
             "max_memory": draw(sizes),
             "max_file": draw(sizes),

@@ -30,7 +30,8 @@ LAB_INVENTORY = REPO / "inventory" / "lab"
 OFFLINE_PKI = REPO / "build" / "test-pki"
 # Passwords for offline tests of inventories that keep theirs in a vault this repo does not have.
 OFFLINE_PASSWORDS = {
-    "nats_server_app_password": "offline-test-app-password",
+    "nats_server_app_admin_password": "offline-test-admin-password",
+    "nats_server_client_cim_password": "offline-test-cim-password",
     "nats_server_system_password": "offline-test-system-password",
     "nats_server_route_password": "offline-test-route-password",
 }

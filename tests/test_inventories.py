@@ -31,7 +31,8 @@ LAB_ONLY_DIFFERENCES = {
     "nats_server_tls_cert_file",
     "nats_server_tls_key_file",
     "nats_server_tls_ca_file",
-    "nats_server_app_password",
+    "nats_server_app_admin_password",
+    "nats_server_client_cim_password",
     "nats_server_system_password",
     "nats_server_route_password",
     # Shorter than production's on purpose: clients are moved away sooner (harsher), and every

@@ -15,6 +15,9 @@ import yaml
 
 from tests.helpers import LAB_INVENTORY, ansible_env, run_playbook
 
+NEW_EVENT_STORE = {"name": "INFRASTRUCTURE_EVENTS", "subjects": ["infrastructure.>"], "storage": "file", "replicas": 3}
+OLD_EVENT_STORE = NEW_EVENT_STORE | {"retention": "limits", "max_age": "30d", "max_bytes": "10GB"}
+
 CASES: dict[str, tuple[dict[str, Any], str]] = {
     # name: ({"host_vars": {...}} / {"group_vars": {...}} / {"drop_hosts": n} / {"add_host": {...}}, expected text)
     "two hosts": ({"drop_hosts": 1}, "has 2 host(s); a JetStream cluster needs at least 3"),
@@ -59,7 +62,22 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "unknown storage backend": ({"group_vars": {"jetstream_storage_backend": "ceph"}}, "jetstream_storage_backend"),
     "soft nfs mount": ({"group_vars": {"jetstream_storage_mount_options": "rw,soft"}}, "must include 'hard'"),
-    "password missing": ({"group_vars": {"nats_server_app_password": ""}}, "nats_server_app_password is not set"),
+    "password missing": (
+        {"group_vars": {"nats_server_app_admin_password": ""}},
+        "nats_server_app_admin_password is not set",
+    ),
+    "application password missing": (
+        {"group_vars": {"nats_server_client_cim_password": ""}},
+        "nats_server_app_clients[0] (cim): password is not set",
+    ),
+    "password longer than bcrypt reads": (
+        {"group_vars": {"nats_server_system_password": "é" * 40}},
+        "is 80 bytes in UTF-8",
+    ),
+    "application named like the administrator": (
+        {"group_vars": {"nats_server_app_admin_user": "cim"}},
+        "the user 'cim' is taken",
+    ),
     "password too short": (
         {"group_vars": {"nats_server_system_password": "tiny-pw-7x"}},
         "nats_server_system_password must be 16-72 characters long",
@@ -78,15 +96,44 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "one user for two accounts": (
         {"group_vars": {"nats_server_system_user": "cim"}},
-        "nats_server_app_user and nats_server_system_user must differ",
+        "nats_server_app_admin_user and nats_server_system_user must differ",
     ),
     "unknown account limit": (
         {"group_vars": {"nats_server_app_jetstream_limits": {"max_files": "1GB"}}},
         "nats_server_app_jetstream_limits has unknown keys max_files",
     ),
+    # Today's production declaration: events deleted after 30 days.
+    "stream deletes by age": (
+        {"group_vars": {"jetstream_streams_declared": [OLD_EVENT_STORE]}},
+        "would delete events (max_age",
+    ),
+    "stream deletes the oldest when full": (
+        {"group_vars": {"jetstream_streams_declared": [NEW_EVENT_STORE | {"discard": "old", "max_bytes": "10GB"}]}},
+        "with discard old deletes",
+    ),
+    "stream replicas above the cluster": (
+        {"group_vars": {"jetstream_streams_declared": [NEW_EVENT_STORE | {"replicas": 5}]}},
+        "replicas 5 is more than",
+    ),
+    "streams share subjects": (
+        {
+            "group_vars": {
+                "jetstream_streams_declared": [
+                    NEW_EVENT_STORE,
+                    NEW_EVENT_STORE | {"name": "COMPUTE", "subjects": ["infrastructure.compute.>"]},
+                ]
+            }
+        },
+        "overlap in subjects",
+    ),
 }
 # Secrets a case sets: the refusal must name the variable, never show the value.
-SECRET_KEYS = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
+SECRET_KEYS = (
+    "nats_server_app_admin_password",
+    "nats_server_client_cim_password",
+    "nats_server_system_password",
+    "nats_server_route_password",
+)
 
 SSH_WRAPPER = """#!/bin/sh
 echo "$@" >> {log}

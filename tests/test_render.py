@@ -90,10 +90,10 @@ def test_inventory_renders_through_ansible(inventory: Path, tmp_path: Path) -> N
 
 def assert_logins_hashed(text: str) -> None:
     """Client passwords only as bcrypt hashes that match them; TLS everywhere; a system account."""
-    for name in ("nats_server_app_password", "nats_server_system_password"):
+    for name in ("nats_server_app_admin_password", "nats_server_client_cim_password", "nats_server_system_password"):
         assert OFFLINE_PASSWORDS[name] not in text, f"{name} in clear in the config"
-    hashes = re.findall(r'password: "(\$2b\$[^"]+)"', text)
-    assert len(hashes) == 3, hashes  # app, system, route
+    hashes = re.findall(r'password"?: "(\$2b\$[^"]+)"', text)
+    assert len(hashes) == 4, hashes  # admin, the CIM, system, route
     for name in OFFLINE_PASSWORDS:
         assert any(bcrypt.checkpw(OFFLINE_PASSWORDS[name].encode(), h.encode()) for h in hashes), name
     # The route password appears only where a dialling member must present it.

@@ -35,8 +35,30 @@ def test_unusable_passwords_are_refused(bad: object) -> None:
         secrets.nats_bcrypt(bad, "seed")
 
 
+def bcrypt_matches(password: str, hashed: str) -> bool:
+    return bool(bcrypt.checkpw(password.encode(), hashed.encode()))
+
+
 def test_summary_tells_nothing_of_the_secret() -> None:
     summary = secrets.nats_secret_summary("abc-DEF_123.x~y")
-    assert summary == {"set": True, "length": 15, "url_safe": True}
+    assert summary == {"set": True, "length": 15, "bytes": 15, "url_safe": True}
     assert secrets.nats_secret_summary("has/slash")["url_safe"] is False
-    assert secrets.nats_secret_summary(None) == {"set": False, "length": 0, "url_safe": False}
+    assert secrets.nats_secret_summary("é" * 40)["bytes"] == 80
+    assert secrets.nats_secret_summary(None) == {"set": False, "length": 0, "bytes": 0, "url_safe": False}
+
+
+def test_an_application_gets_its_streams_and_no_destructive_subject() -> None:
+    (cim,) = secrets.nats_app_client_users(
+        [{"name": "cim", "password": "p" * 20, "streams": ["EV"], "publish": ["ev.>"]}],
+        "c",
+        [{"name": "EV", "consumers": [{"name": "projector"}]}],
+    )
+    allowed = cim["permissions"]["publish"]["allow"]
+    assert "ev.>" in allowed and "$JS.API.CONSUMER.MSG.NEXT.EV.*" in allowed and "$JS.ACK.EV.>" in allowed
+    assert not [
+        s
+        for s in allowed
+        if any(w in s for w in ("STREAM.DELETE", "PURGE", "MSG.DELETE", "STREAM.CREATE", "STREAM.UPDATE"))
+    ]
+    assert cim["permissions"]["publish"]["deny"] == ["$JS.API.CONSUMER.DELETE.EV.projector"]
+    assert bcrypt_matches("p" * 20, cim["password"]) and "\\u00" not in cim["conf"]

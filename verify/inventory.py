@@ -25,8 +25,10 @@ from verify import monitor
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("jetstream_storage", "nats_server")
 # Secrets: kept out of Node.settings (which reports may print); held by Login and Cluster.secrets.
-PASSWORD_VARIABLES = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
-SECRET_VARIABLES = (*PASSWORD_VARIABLES, "nats_server_tls_key_content")
+PASSWORD_VARIABLES = ("nats_server_app_admin_password", "nats_server_system_password", "nats_server_route_password")
+# The applications' passwords sit inside this list; it is read like the passwords above.
+CLIENTS_VARIABLE = "nats_server_app_clients"
+SECRET_VARIABLES = (*PASSWORD_VARIABLES, "nats_server_tls_key_content", CLIENTS_VARIABLE)
 CLUSTER_GROUP = "nats_cluster"
 # How verify reaches a host over SSH: the same variables the deploy used.
 CONNECTION_VARIABLES = (
@@ -98,8 +100,11 @@ class Cluster:
     nodes: tuple[Node, ...]
     # The CA on the controller that signed every member's certificate.
     ca_file: Path
-    app: Login
+    # The application account's administrator: verify's own checks log in as this user.
+    admin: Login
     system: Login
+    # The applications declared in the inventory, by name (their least-privilege users).
+    clients: dict[str, Login] = field(repr=False, default_factory=dict)
     # Every secret the deploy handles, by where it comes from ("nats_server_route_password",
     # "nats-1 private key"): what must never show in a log.
     secrets: dict[str, str] = field(repr=False, default_factory=dict)
@@ -109,8 +114,8 @@ class Cluster:
         return ssl.create_default_context(cafile=str(self.ca_file))
 
     def login(self, who: Login | None = None) -> dict[str, Any]:
-        """nats.connect keywords: TLS with the cluster's CA, as `who` (the application user by default)."""
-        who = who or self.app
+        """nats.connect keywords: TLS with the cluster's CA, as `who` (the administrator by default)."""
+        who = who or self.admin
         return {"user": who.user, "password": who.password, "tls": self.tls_context()}
 
     def node(self, host: str) -> Node:
@@ -176,23 +181,32 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
     defaults = _role_defaults()
     nodes = []
     logins: dict[str, Any] = {}
+    clients: dict[str, Login] = {}
     for name in members:
         host = manager.get_host(name)
         host_vars = dict(defaults) | dict(variables.get_vars(host=host)) | {"inventory_hostname": name}
         templar = Templar(loader=loader, variables=host_vars)
         wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "jetstream_", "lab_"))}
         settings = {k: templar.template(v) for k, v in wanted.items() if k not in SECRET_VARIABLES}
-        for variable in PASSWORD_VARIABLES:
+        for variable in (*PASSWORD_VARIABLES, CLIENTS_VARIABLE):
             if variable not in host_vars:
+                if variable == CLIENTS_VARIABLE:
+                    continue
                 raise ValueError(f"{name}: {variable} is not set in inventory {path} (vaulted: docs/security.md)")
             try:
-                logins[variable] = templar.template(host_vars[variable])
+                value = templar.template(host_vars[variable])
             except AnsibleError as error:
                 raise ValueError(
                     f"{name}: cannot read {variable} from inventory {path} ({error.message}); give the vault's "
                     "password as Ansible takes it: ANSIBLE_VAULT_IDENTITY_LIST or ANSIBLE_VAULT_PASSWORD_FILE "
                     "(the lab: `make verify` sets it)"
                 ) from error
+            if variable == CLIENTS_VARIABLE:
+                clients = {str(c["name"]): Login(str(c["name"]), str(c.get("password") or "")) for c in value or []}
+                settings[CLIENTS_VARIABLE] = [{k: v for k, v in c.items() if k != "password"} for c in value or []]
+                logins |= {f"{client} password": login.password for client, login in clients.items()}
+            else:
+                logins[variable] = value
         key = templar.template(host_vars.get("nats_server_tls_key_content") or "")
         key_file = settings.get("nats_server_tls_key_file")
         if not key and key_file and Path(key_file).is_file():
@@ -207,8 +221,9 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
         inventory=path,
         nodes=tuple(nodes),
         ca_file=Path(first["nats_server_tls_ca_file"]).resolve(),
-        app=Login(first["nats_server_app_user"], logins["nats_server_app_password"]),
+        admin=Login(first["nats_server_app_admin_user"], logins["nats_server_app_admin_password"]),
         system=Login(first["nats_server_system_user"], logins["nats_server_system_password"]),
+        clients=clients,
         secrets=dict(logins),
     )
     monitor.trust([n.monitor_url for n in nodes], cluster.ca_file)

@@ -35,7 +35,7 @@ ADDRESS_VARIABLES = (
     "nats_server_monitor_host",
 )
 # Secrets the inventory must give (from Ansible Vault); the preflight sees only their summaries.
-PASSWORD_VARIABLES = ("nats_server_app_password", "nats_server_system_password", "nats_server_route_password")
+PASSWORD_VARIABLES = ("nats_server_app_admin_password", "nats_server_system_password", "nats_server_route_password")
 MINIMUM_PASSWORD_LENGTH = 16
 BCRYPT_MAXIMUM_BYTES = 72
 ACCOUNT_LIMIT_KEYS = {"max_memory", "max_file", "max_streams", "max_consumers"}
@@ -85,6 +85,7 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
         _check_tls,
         _check_logins,
         _check_accounts,
+        _check_clients,
     ):
         check(node, bad)
     return problems
@@ -207,18 +208,60 @@ def _check_logins(node: Mapping[str, Any], bad: Report) -> None:
         summary = secrets.get(variable) or {}
         if not summary.get("set"):
             bad(f"{variable} is not set: keep it in the inventory's vault.yml (docs/security.md)")
-        elif not MINIMUM_PASSWORD_LENGTH <= summary.get("length", 0) <= BCRYPT_MAXIMUM_BYTES:
-            bad(f"{variable} must be {MINIMUM_PASSWORD_LENGTH}-{BCRYPT_MAXIMUM_BYTES} characters long")
+        else:
+            _check_password_length(variable, summary, bad)
     route = secrets.get("nats_server_route_password") or {}
     if route.get("set") and not route.get("url_safe"):
         bad("nats_server_route_password may only use letters, digits, '.', '_', '~' and '-' (it is part of a URL)")
+
+
+def _check_password_length(variable: str, summary: Mapping[str, Any], bad: Report) -> None:
+    if not MINIMUM_PASSWORD_LENGTH <= summary.get("length", 0) <= BCRYPT_MAXIMUM_BYTES:
+        bad(f"{variable} must be {MINIMUM_PASSWORD_LENGTH}-{BCRYPT_MAXIMUM_BYTES} characters long")
+    elif summary.get("bytes", 0) > BCRYPT_MAXIMUM_BYTES:
+        bad(f"{variable} is {summary['bytes']} bytes in UTF-8; bcrypt reads only the first {BCRYPT_MAXIMUM_BYTES}")
+
+
+def _check_clients(node: Mapping[str, Any], bad: Report) -> None:
+    """The applications of the account: names, vaulted passwords, what they may touch."""
+    clients = node.get("nats_server_app_clients")
+    if not isinstance(clients, list):
+        bad("nats_server_app_clients must be a list of applications (name, password, streams, publish)")
+        return
+    taken = {str(node.get("nats_server_app_admin_user")), str(node.get("nats_server_system_user"))}
+    for index, client in enumerate(clients):
+        if not isinstance(client, Mapping):
+            bad(f"nats_server_app_clients[{index}] must be a mapping with name, password, streams, publish")
+            continue
+        name = str(client.get("name", ""))
+        label = f"nats_server_app_clients[{index}] ({name or 'no name'})"
+        unknown = sorted(set(client) - {"name", "password", "streams", "publish"})
+        if unknown:
+            bad(f"{label} has unknown keys {', '.join(unknown)} (known: name, password, streams, publish)")
+        if not NAME_RE.match(name):
+            bad(f"{label}: name must be 1-64 letters, digits, '-' or '_'")
+        elif name in taken:
+            bad(f"{label}: the user {name!r} is taken (the administrator, the system user or another application)")
+        taken.add(name)
+        summary = client.get("password") or {}
+        if not summary.get("set"):
+            bad(f"{label}: password is not set: keep it in the inventory's vault.yml (docs/security.md)")
+        else:
+            _check_password_length(f"{label} password", summary, bad)
+        for key in ("streams", "publish"):
+            values = client.get(key, [])
+            if not isinstance(values, list) or not all(isinstance(v, str) and v and " " not in v for v in values):
+                bad(f"{label}: {key} must be a list of names without spaces")
+        for subject in client.get("publish") or []:
+            if isinstance(subject, str) and subject.startswith("$"):
+                bad(f"{label}: publish {subject!r}: the JetStream API comes with streams, not publish")
 
 
 def _check_accounts(node: Mapping[str, Any], bad: Report) -> None:
     for variable in (
         "nats_server_app_account",
         "nats_server_system_account",
-        "nats_server_app_user",
+        "nats_server_app_admin_user",
         "nats_server_system_user",
         "nats_server_route_user",
     ):
@@ -227,8 +270,8 @@ def _check_accounts(node: Mapping[str, Any], bad: Report) -> None:
             bad(f"{variable} {value!r} must be 1-64 letters, digits, '-' or '_'")
     if node.get("nats_server_app_account") == node.get("nats_server_system_account"):
         bad("nats_server_app_account and nats_server_system_account must differ")
-    if node.get("nats_server_app_user") == node.get("nats_server_system_user"):
-        bad("nats_server_app_user and nats_server_system_user must differ")
+    if node.get("nats_server_app_admin_user") == node.get("nats_server_system_user"):
+        bad("nats_server_app_admin_user and nats_server_system_user must differ")
     limits = node.get("nats_server_app_jetstream_limits")
     if not isinstance(limits, Mapping):
         bad("nats_server_app_jetstream_limits must be a mapping of max_memory, max_file, max_streams, max_consumers")

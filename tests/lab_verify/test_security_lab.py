@@ -37,7 +37,7 @@ def test_a_leaked_secret_in_a_log_is_found_and_not_repeated(deployed_lab: Cluste
     key = (LAB_INVENTORY.parent.parent / ".lab" / "pki" / "nats-2.key").read_text()
     leaky = tmp_path / "leaky.log"
     leaky.write_text(
-        f"TASK [x] ok: [nats-1] => {{'password': '{deployed_lab.app.password}'}}\n"
+        f"TASK [x] ok: [nats-1] => {{'password': '{deployed_lab.admin.password}'}}\n"
         # A key as a YAML callback shows a multi-line value: indented.
         + "    content: |-\n"
         + "".join(f"        {line}\n" for line in key.splitlines())
@@ -45,9 +45,9 @@ def test_a_leaked_secret_in_a_log_is_found_and_not_repeated(deployed_lab: Cluste
     code, report, _, output = nats_verify(tmp_path, "-m", "security", "--deploy-log", str(leaky))
     assert code != 0, output[-2000:]
     symptom = failed_checks(report)["test_deploy_log_holds_no_secret"]
-    assert "nats_server_app_password" in symptom and "nats-2 private key" in symptom, symptom
+    assert "nats_server_app_admin_password" in symptom and "nats-2 private key" in symptom, symptom
     assert "nats-1 private key" not in symptom, symptom
-    assert deployed_lab.app.password not in output + json.dumps(report)
+    assert deployed_lab.admin.password not in output + json.dumps(report)
 
 
 def test_the_system_user_sees_every_server_and_the_app_user_does_not(deployed_lab: Cluster) -> None:
@@ -69,6 +69,43 @@ def test_the_system_user_sees_every_server_and_the_app_user_does_not(deployed_la
 
     assert asyncio.run(ping(deployed_lab.login(deployed_lab.system))) == {"nats-1", "nats-2", "nats-3"}
     assert asyncio.run(ping(deployed_lab.login())) == set()
+    assert asyncio.run(ping(deployed_lab.login(deployed_lab.clients["cim"]))) == set()
+
+
+def test_the_cim_user_cannot_destroy_the_event_store(deployed_lab: Cluster) -> None:
+    """For real, as the CIM's user: its appends are stored, and its stream delete, purge and
+    message delete (empty requests, exactly as a client sends them) are refused by permission;
+    the administrator then finds every event still there."""
+    stream = "INFRASTRUCTURE_EVENTS"
+
+    async def attempt() -> tuple[list[str], list[int], int]:
+        violations: list[str] = []
+
+        async def note(error: Exception) -> None:
+            violations.append(str(error))
+
+        cim = deployed_lab.login(deployed_lab.clients["cim"])
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, error_cb=note, **cim)
+        js = nc.jetstream(timeout=3)
+        seqs = [(await js.publish(f"infrastructure.compute.{n}.created", b"{}")).seq for n in range(5)]
+        for subject, body in (
+            (f"$JS.API.STREAM.DELETE.{stream}", b""),
+            (f"$JS.API.STREAM.PURGE.{stream}", b""),
+            (f"$JS.API.STREAM.MSG.DELETE.{stream}", json.dumps({"seq": seqs[0]}).encode()),
+        ):
+            with pytest.raises(nats.errors.TimeoutError):
+                await nc.request(subject, body, timeout=1)
+        await nc.close()
+        admin = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        info = await admin.jetstream(timeout=3).stream_info(stream)
+        first = (await admin.jetstream(timeout=3).get_msg(stream, seqs[0])).seq or 0
+        await admin.close()
+        return violations, [first], info.state.messages
+
+    violations, (first,), messages = asyncio.run(attempt())
+    for verb in ("DELETE", "PURGE", "MSG.DELETE"):
+        assert any(f"stream.{verb.lower()}.{stream.lower()}" in v.lower() for v in violations), violations
+    assert messages >= 5 and first > 0
 
 
 def test_a_client_trusting_another_ca_is_refused_by_its_own_check(deployed_lab: Cluster) -> None:
@@ -81,8 +118,8 @@ def test_a_client_trusting_another_ca_is_refused_by_its_own_check(deployed_lab: 
                 deployed_lab.client_urls,
                 connect_timeout=3,
                 allow_reconnect=False,
-                user=deployed_lab.app.user,
-                password=deployed_lab.app.password,
+                user=deployed_lab.admin.user,
+                password=deployed_lab.admin.password,
                 tls=ssl.create_default_context(),
             )
         except Exception as error:

@@ -19,6 +19,7 @@ from typing import Any, cast
 import nats
 import pytest
 
+from verify import permissions
 from verify.client import connect
 from verify.inventory import Cluster, Node
 from verify.plugin import RunState, client_urls, fail_if_silent, monitor_json, note_silence
@@ -77,7 +78,7 @@ def test_plaintext_client_refused(nats_node: Node, nats_cluster: Cluster, verify
             raise AssertionError(f"{nats_node.host}: {silence}") from None
         try:
             # The real password: only the missing TLS may be the reason for the refusal.
-            app = nats_cluster.app
+            app = nats_cluster.admin
             hello = {"verbose": False, "pedantic": False, "tls_required": False, "user": app.user, "pass": app.password}
             writer.write(b"CONNECT " + json.dumps(hello).encode() + b"\r\nPING\r\n")
             await writer.drain()
@@ -155,9 +156,9 @@ def test_anonymous_client_refused(nats_cluster: Cluster, verify_state: RunState)
 
 @pytest.mark.runbook("security")
 def test_wrong_password_refused(nats_cluster: Cluster, verify_state: RunState) -> None:
-    wrong = nats_cluster.app.password + "-wrong"
-    refusal = asyncio.run(_refusal(nats_cluster, verify_state, user=nats_cluster.app.user, password=wrong))
-    assert refusal, f"{nats_cluster.app.user} was let in with a wrong password"
+    wrong = nats_cluster.admin.password + "-wrong"
+    refusal = asyncio.run(_refusal(nats_cluster, verify_state, user=nats_cluster.admin.user, password=wrong))
+    assert refusal, f"{nats_cluster.admin.user} was let in with a wrong password"
     assert "Authorization Violation" in refusal, f"refused, but not for the login: {refusal}"
 
 
@@ -180,6 +181,38 @@ def test_application_user_has_jetstream_with_its_limits(nats_cluster: Cluster, v
     }
     actual = {k: getattr(got, k) for k in expected}
     assert actual == expected, f"account {nats_cluster.setting('nats_server_app_account')} limits: {actual}"
+
+
+def _declared_consumers(cluster: Cluster, stream: str) -> list[str]:
+    for declared in cluster.nodes[0].settings.get("jetstream_streams_declared") or []:
+        if declared.get("name") == stream:
+            return [str(c["name"]) for c in declared.get("consumers") or []]
+    return []
+
+
+@pytest.mark.runbook("security")
+def test_applications_may_use_the_store_but_not_destroy_it(nats_cluster: Cluster, verify_state: RunState) -> None:
+    """Each declared application, logged in as itself: what the CIM's client does works (stream
+    info, its own consumers, fetch, ack, direct get, append, atomic batch), and stream create,
+    update, delete and purge, message delete and deleting a declared consumer are refused. The
+    probes store and delete nothing (verify/permissions.py)."""
+    clients = nats_cluster.nodes[0].settings.get("nats_server_app_clients") or []
+    problems = []
+    for client in clients:
+        login = nats_cluster.login(nats_cluster.clients[client["name"]])
+        for stream in client.get("streams") or []:
+            findings = permissions.run_check(
+                client_urls(verify_state, nats_cluster),
+                login,
+                stream,
+                client.get("publish") or [],
+                _declared_consumers(nats_cluster, stream),
+                seconds=budget(verify_state, 1.0),
+                deadline=budget(verify_state, 6.0),
+            )
+            problems += [f"{client['name']} on {stream} is refused: {p}" for p in findings.wrongly_refused]
+            problems += [f"{client['name']} on {stream} may: {p}" for p in findings.wrongly_allowed]
+    assert not problems, "; ".join(problems)
 
 
 @pytest.mark.runbook("security")
