@@ -11,18 +11,23 @@ SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-1
 LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
-export PATH := $(CURDIR)/$(BIN):$(PATH)
+# rustup installs cargo under ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
+export PATH := $(CURDIR)/$(BIN):$(PATH):$(HOME)/.cargo/bin
 # The lab's vaulted secrets open with the lab's own vault password (committed: lab-only secrets).
 # Production's vault ids come from the operator (--vault-id phx@prompt).
 export ANSIBLE_VAULT_IDENTITY_LIST ?= lab@$(CURDIR)/inventory/lab.vault-password
 
-.PHONY: help setup lab-deps lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
+# The CIM's own client (Rust, async-nats 0.33) and the nats.js check: built outside the checkout.
+include clients/rust.mk
+include clients/node.mk
+
+.PHONY: help setup lab-deps clients lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
 
 help:
 	@echo "make lab       venv, lab up, deploy playbooks/site.yml, verify (the lab stays up: make lab-down)"
 	@echo "make test      venv, lint and the whole test suite, the lab included"
 	@echo "make lint      ansible-lint (production), yamllint, syntax checks, ruff, mypy"
-	@echo "make lab-up | lab-down | deploy | health | bench | clean"
+	@echo "make lab-up | lab-down | deploy | health | bench | clients | clean"
 
 setup: $(SETUP_STAMP)
 
@@ -39,6 +44,9 @@ lab-deps:
 	  echo "apt: installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
+
+# The clients the tests and benchmarks run against the lab, as their users have them.
+clients: rust-client node-client
 
 lab-up: setup lab-deps
 	$(BIN)/nats-lab up
@@ -65,17 +73,18 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(CARGO) fmt --check --manifest-path $(CIM_RUST_MANIFEST)
 
 test-unit: setup
 	$(BIN)/pytest -m "not lab"
 
-test-lab: setup lab-deps
+test-lab: setup lab-deps clients
 	$(BIN)/pytest -m lab
 
-test: setup lab-deps lint
+test: setup lab-deps clients lint
 	$(BIN)/pytest --durations=40
 
-bench: setup lab-deps
+bench: setup lab-deps clients
 	$(BIN)/python -m benchmarks.deploy
 	$(BIN)/python -m benchmarks.eventstore
 	$(BIN)/python -m benchmarks.remediation

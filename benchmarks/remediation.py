@@ -111,11 +111,12 @@ def main() -> None:
     wait_healthy(cluster)
     delete_stream(cluster, "LAB_BENCH_CONSUMERS")
     asyncio.run(leak_consumers(cluster, 200))
-    time.sleep(6)
+    # The runbook refuses a stale_after under 30 s (a consumer between two pulls is not stale).
+    time.sleep(31)
     purge = playbook(
         "remediate/purge-consumers.yml",
         "-e",
-        "jetstream_streams_purge_stale_after=5s",
+        "jetstream_streams_purge_stale_after=30s",
         "-e",
         "jetstream_streams_purge_delete=true",
     )

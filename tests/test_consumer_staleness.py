@@ -1,5 +1,6 @@
 """The staleness rules of the jetstream_consumers module (plugins/module_utils), without a server:
-each rule alone keeps a consumer, the idle boundary is exact, the pattern restricts."""
+each rule alone keeps a consumer, the idle boundary is exact, the pattern restricts, a consumer
+declared in the inventory is never stale; the table and the totals line say every figure."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from tests.helpers import load_module_util
 staleness = load_module_util("jetstream_consumer_staleness")
 NANOS: int = staleness.NANOS
 Consumer, Rules, classify, table = staleness.Consumer, staleness.Rules, staleness.classify, staleness.table
+Counts, totals = staleness.Counts, staleness.totals
 human_duration, parse_time = staleness.human_duration, staleness.parse_time
 
 HOUR = 3600 * NANOS
@@ -68,6 +70,16 @@ def test_each_rule_alone_keeps_the_consumer(changes: dict[str, Any], reason: str
 def test_all_reasons_are_named() -> None:
     verdict = classify(leaked(num_pending=3, num_waiting=2, push_bound=True), Rules(HOUR, "tmp-*"), NOW)
     assert verdict.reason == "name does not match 'tmp-*'; push bound; 2 waiting pulls; 3 pending"
+
+
+def test_a_declared_consumer_is_never_stale() -> None:
+    declared = Rules(HOUR, protected=frozenset({"EVENTS/leak-1"}))
+    verdict = classify(leaked(), declared, NOW)
+    assert not verdict.stale and verdict.reason == "declared in the inventory" and verdict.idle == 2 * HOUR
+    assert classify(leaked(num_pending=2), declared, NOW).reason == "declared in the inventory; 2 pending"
+    # By stream and name: the same name on another stream is not declared.
+    assert classify(leaked(stream="OTHER"), declared, NOW).stale
+    assert classify(leaked(name="leak-10"), declared, NOW).stale
 
 
 def test_boundary_is_strictly_longer_than_stale_after() -> None:
@@ -166,15 +178,45 @@ def test_human_duration() -> None:
     ]
 
 
-def test_table_lists_stale_and_totals() -> None:
+def test_table_lists_the_stale_with_what_was_done() -> None:
     stale = classify(leaked(name="leak-10"), RULES, NOW)
     also = classify(leaked(name="leak-2", durable=False), RULES, NOW)
+    third = classify(leaked(name="leak-3"), RULES, NOW)
     live = classify(leaked(name="worker", num_pending=1), RULES, NOW)
-    lines = table([stale, also, live], deleted=["EVENTS/leak-10"], kept=["EVENTS/leak-2"])
+    lines = table([stale, also, third, live], {"EVENTS/leak-10": "deleted", "EVENTS/leak-2": "kept on recheck"})
     assert lines[0].split() == ["STREAM", "CONSUMER", "KIND", "IDLE", "ACTION"]
     assert lines[1].split() == ["EVENTS", "leak-10", "durable", "2h", "deleted"]
     assert lines[2].split() == ["EVENTS", "leak-2", "ephemeral", "2h", "kept", "on", "recheck"]
+    assert lines[3].split() == ["EVENTS", "leak-3", "durable", "2h", "-"]
     assert lines[0].index("KIND") == lines[1].index("durable") == lines[2].index("ephemeral")
-    assert lines[-1] == "2 stale of 3 consumers in 1 streams; 1 deleted, 1 kept on recheck"
-    assert table([live]) == ["0 stale of 1 consumers in 1 streams; 0 deleted, 0 kept on recheck"]
-    assert table([live], streams=4)[-1].startswith("0 stale of 1 consumers in 4 streams")
+    assert len(lines) == 4
+    assert table([live]) == []
+
+
+def test_totals_say_every_figure() -> None:
+    clean = Counts(streams=1, names=5, seen=5, stale=2)
+    assert totals(clean) == (
+        "5 consumers in 1 stream: 5 seen, 0 not seen; 2 stale (report only: none deleted); "
+        "0 declared in the inventory (never deleted)"
+    )
+    assert totals(Counts(streams=1, names=1, seen=1, stale=1, deleted=1), "check").startswith(
+        "1 consumer in 1 stream: 1 seen, 0 not seen; 1 stale: 1 would be deleted, 0 kept on recheck;"
+    )
+    rough = Counts(
+        streams=3,
+        names=1024,
+        seen=620,
+        unseen=401,
+        gone=3,
+        stale=600,
+        deleted=590,
+        kept_on_recheck=4,
+        gone_before_deletion=5,
+        failed=1,
+        declared=3,
+    )
+    assert totals(rough, "delete") == (
+        "1024 consumers in 3 streams: 620 seen, 401 not seen, 3 gone before they were seen; "
+        "600 stale: 590 deleted, 4 kept on recheck, 5 gone before deletion, 1 failed; "
+        "3 declared in the inventory (never deleted)"
+    )

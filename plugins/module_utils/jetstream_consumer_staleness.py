@@ -1,8 +1,8 @@
 """Which JetStream consumers are stale (leaked): the rules behind the `jetstream_consumers` module.
 
-A consumer is stale only if every rule holds: idle longer than `stale_after`, nothing pending,
-nothing awaiting an ack, no waiting pull requests, not bound to a push subscriber, and (when a
-pattern is given) a name matching it. Consumers come in as the JetStream API's own JSON (a
+A consumer is stale only if every rule holds: not declared in the inventory, idle longer than
+`stale_after`, nothing pending, nothing awaiting an ack, no waiting pull requests, not bound to a
+push subscriber, and (when a pattern is given) a name matching it. Consumers come in as the JetStream API's own JSON (a
 CONSUMER.INFO answer or one entry of CONSUMER.LIST); times are integer nanoseconds since the epoch
 so the boundary is exact. Plain Python, no NATS or Ansible imports.
 """
@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatchcase
 from typing import Any
 
 NANOS = 1_000_000_000
+DECLARED = "declared in the inventory"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _RFC3339 = re.compile(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d{1,9}))?(Z|[+-]\d\d:\d\d)", re.IGNORECASE)
 
@@ -104,6 +105,8 @@ class Consumer:
 class Rules:
     stale_after: int  # nanoseconds
     name_pattern: str | None = None
+    # STREAM/NAME of consumers declared in the inventory: never stale, whatever their state.
+    protected: frozenset[str] = field(default_factory=frozenset)
 
 
 @dataclass(frozen=True)
@@ -137,6 +140,8 @@ def classify(consumer: Consumer, rules: Rules, now: int) -> Verdict:
     # No time at all is not proof of idleness: count it as just active.
     idle = max(clock - last, 0) if last is not None else 0
     keep = []
+    if consumer.label in rules.protected:
+        keep.append(DECLARED)
     if rules.name_pattern is not None and not fnmatchcase(consumer.name, rules.name_pattern):
         keep.append(f"name does not match {rules.name_pattern!r}")
     if consumer.push_bound:
@@ -156,27 +161,58 @@ def classify(consumer: Consumer, rules: Rules, now: int) -> Verdict:
     return Verdict(consumer, True, reason, idle)
 
 
-def table(
-    verdicts: Iterable[Verdict], deleted: Iterable[str] = (), kept: Iterable[str] = (), streams: int | None = None
-) -> list[str]:
-    """Fixed-width lines listing the stale consumers, then a totals line, for a playbook to print.
-    `streams` is how many were examined (default: those with consumers)."""
-    everything = list(verdicts)
-    gone, spared = set(deleted), set(kept)
-    stale = sorted((v for v in everything if v.stale), key=lambda v: (v.consumer.stream, v.consumer.name))
+def table(verdicts: Iterable[Verdict], actions: Mapping[str, str] | None = None) -> list[str]:
+    """Fixed-width lines listing the stale consumers (none: no lines), for a playbook to print.
+    `actions` says what was done to each, by STREAM/NAME ("deleted", "kept on recheck" ...)."""
+    done = actions or {}
+    stale = sorted((v for v in verdicts if v.stale), key=lambda v: (v.consumer.stream, v.consumer.name))
+    if not stale:
+        return []
     rows = [("STREAM", "CONSUMER", "KIND", "IDLE", "ACTION")]
     for v in stale:
         c = v.consumer
-        action = "deleted" if c.label in gone else "kept on recheck" if c.label in spared else "-"
-        rows.append((c.stream, c.name, "durable" if c.durable else "ephemeral", human_duration(v.idle), action))
-    lines = []
-    if stale:
-        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
-    if streams is None:
-        streams = len({v.consumer.stream for v in everything})
-    lines.append(
-        f"{len(stale)} stale of {len(everything)} consumers in {streams} streams; "
-        f"{len(gone)} deleted, {len(spared)} kept on recheck"
-    )
-    return lines
+        kind = "durable" if c.durable else "ephemeral"
+        rows.append((c.stream, c.name, kind, human_duration(v.idle), done.get(c.label, "-")))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+
+
+@dataclass(frozen=True)
+class Counts:
+    """The figures of one run. Every consumer listed by name is seen (its info read), not seen,
+    or gone before its info could be read: names == seen + unseen + gone. Every stale one is
+    deleted, kept on recheck, gone before deletion or failed (when deleting)."""
+
+    streams: int
+    names: int
+    seen: int
+    listed: int = 0  # of the seen, those the list API returned (the rest were asked for one by one)
+    unseen: int = 0
+    gone: int = 0
+    stale: int = 0
+    deleted: int = 0
+    kept_on_recheck: int = 0
+    gone_before_deletion: int = 0
+    failed: int = 0
+    declared: int = 0
+
+
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def totals(c: Counts, mode: str = "report") -> str:
+    """One line with every figure of the run; `mode` is report, check (would delete) or delete."""
+    looked = f"{_count(c.names, 'consumer')} in {_count(c.streams, 'stream')}: {c.seen} seen, {c.unseen} not seen"
+    if c.gone:
+        looked += f", {c.gone} gone before they were seen"
+    if mode == "report":
+        done = f"{c.stale} stale (report only: none deleted)"
+    else:
+        done = f"{c.stale} stale: {c.deleted} {'would be deleted' if mode == 'check' else 'deleted'}"
+        done += f", {c.kept_on_recheck} kept on recheck"
+        if c.gone_before_deletion:
+            done += f", {c.gone_before_deletion} gone before deletion"
+        if c.failed:
+            done += f", {c.failed} failed"
+    return f"{looked}; {done}; {c.declared} {DECLARED} (never deleted)"

@@ -1,6 +1,9 @@
-"""playbooks/remediate/purge-consumers.yml on the lab: 200 leaked consumers next to 3 live
-durables on an R3 stream. The dry run changes nothing, --check deletes nothing, the apply removes
-exactly the 200 and keeps the live ones, and a re-run reports no change."""
+"""playbooks/remediate/purge-consumers.yml on the lab: 900 leaked R1 consumers spread over all three
+servers next to 3 live durables on an R3 stream. A clustered consumer list is assembled by the meta
+leader from the servers hosting the consumers and leaves out those that do not answer in time (one
+listing of 1024 returned 623, and clearing took three runs); the module takes the names from the
+meta layer and asks for the rest one by one. --check deletes nothing and sees every consumer, ONE
+delete run removes all 900 and keeps the live ones, and a re-run reports no change."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from tests.helpers import LAB_INVENTORY, delete_stream, run_playbook, wait_healthy
+from verify import monitor
 from verify.inventory import Cluster
 from verify.load import connect
 
@@ -22,9 +26,11 @@ pytestmark = pytest.mark.lab
 
 PLAYBOOK = "remediate/purge-consumers.yml"
 STREAM = "LAB_CONSUMERS"
-LEAKED = [f"cim-test-{n:03d}" for n in range(200)]
+# Below the APP account's max_consumers (1024 per stream), with room for the live ones.
+LEAKED = [f"cim-test-{n:03d}" for n in range(900)]
 LIVE = ["projector-pending", "projector-unacked", "projector-active"]
-STALE_AFTER = 8
+STALE_AFTER = 30  # the module's minimum
+# Creation is serialised by the meta leader: requests a batch at a time, not one by one.
 LEAK_BATCH = 20
 
 
@@ -38,15 +44,18 @@ async def create_consumers(cluster: Cluster) -> None:
         for subject in ("pending", "unacked", "active"):
             for n in range(3):
                 await js.publish(f"labconsumers.{subject}", f"{subject}-{n}".encode())
-        # Leaked: durables whose test run ended without deleting them (nothing to deliver). Each R3
-        # consumer forms its own raft group (~0.25 s): created a batch at a time, not one by one.
+        # Leaked: R1 durables whose test run ended without deleting them (nothing to deliver). The
+        # meta leader places each on one of the stream's three servers.
         for batch in range(0, len(LEAKED), LEAK_BATCH):
             await asyncio.gather(
                 *(
                     js.add_consumer(
                         STREAM,
                         ConsumerConfig(
-                            durable_name=name, filter_subject="labconsumers.none", ack_policy=AckPolicy.EXPLICIT
+                            durable_name=name,
+                            filter_subject="labconsumers.none",
+                            ack_policy=AckPolicy.EXPLICIT,
+                            num_replicas=1,
                         ),
                     )
                     for name in LEAKED[batch : batch + LEAK_BATCH]
@@ -63,6 +72,38 @@ async def create_consumers(cluster: Cluster) -> None:
             )
     finally:
         await nc.close()
+
+
+def hosted_leaks(cluster: Cluster) -> dict[str, set[str]]:
+    """The leaked consumers each server hosts, from its own monitor (/jsz answers for one server)."""
+    hosted = {}
+    for node in cluster.nodes:
+        jsz = monitor.get_json(node.monitor_url, "/jsz?accounts=true&streams=true&consumers=true", timeout=15)
+        hosted[node.host] = {
+            consumer["name"]
+            for account in jsz.get("account_details") or []
+            for stream in account.get("stream_detail") or []
+            if stream.get("name") == STREAM
+            for consumer in stream.get("consumer_detail") or []
+            if consumer["name"].startswith("cim-test-")
+        }
+    return hosted
+
+
+def assert_spread_over_every_server(cluster: Cluster) -> dict[str, int]:
+    """Each leaked consumer on exactly one server, and every server hosting some. Waits a little
+    for servers still applying their assignments."""
+    deadline = time.monotonic() + 20
+    while True:
+        hosted = hosted_leaks(cluster)
+        placed = [name for names in hosted.values() for name in names]
+        if sorted(placed) == LEAKED or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    counts = {host: len(names) for host, names in hosted.items()}
+    assert sorted(placed) == LEAKED, f"leaked consumers by server: {counts} (want {len(LEAKED)}, each once)"
+    assert len(hosted) == 3 and all(counts.values()), f"every server should host some: {counts}"
+    return counts
 
 
 async def make_live_ones_busy(cluster: Cluster, stop: threading.Event) -> None:
@@ -85,9 +126,9 @@ async def make_live_ones_busy(cluster: Cluster, stop: threading.Event) -> None:
 
 
 async def consumer_names(cluster: Cluster) -> set[str]:
+    """From CONSUMER.NAMES: the meta layer's assignments, complete (paged, 1024 a page)."""
     nc = await connect(cluster, "purge-test")
     try:
-        js = nc.jetstream(timeout=10)
         names: set[str] = set()
         offset = 0
         while True:
@@ -99,7 +140,6 @@ async def consumer_names(cluster: Cluster) -> set[str]:
             offset += len(page.get("consumers") or [])
             if not page.get("consumers") or offset >= page["total"]:
                 break
-        del js
         return names
     finally:
         await nc.close()
@@ -113,20 +153,31 @@ def module_result(json_stdout: str) -> dict[str, Any]:
     raise AssertionError("the consumers task did not run")
 
 
-def purge(*extra: str) -> dict[str, Any]:
+def purge(*extra: str) -> tuple[dict[str, Any], float]:
+    """One playbook run; the module's result and the run's seconds."""
+    started = time.monotonic()
     result = run_playbook(
         PLAYBOOK, LAB_INVENTORY, "-e", f"jetstream_streams_purge_stale_after={STALE_AFTER}s", *extra, json_output=True
     )
+    took = time.monotonic() - started
     assert result.returncode == 0, result.stdout[-4000:]
-    return module_result(result.stdout)
+    return module_result(result.stdout), took
 
 
 @pytest.fixture
 def leaked_consumers(deployed_lab: Cluster) -> Iterator[Cluster]:
     wait_healthy(deployed_lab)
     delete_stream(deployed_lab, STREAM)
+    started = time.monotonic()
     asyncio.run(create_consumers(deployed_lab))
-    time.sleep(STALE_AFTER + 1)
+    created = time.monotonic()
+    placement = assert_spread_over_every_server(deployed_lab)
+    print(
+        f"purge-consumers: {len(LEAKED) + len(LIVE)} consumers created in {created - started:.1f} s; "
+        f"leaked ones by server {placement}"
+    )
+    # The last leak idles past stale_after (the server's clock; a second of margin).
+    time.sleep(max(0.0, created + STALE_AFTER + 1 - time.monotonic()))
     stop = threading.Event()
     busy = threading.Thread(target=asyncio.run, args=(make_live_ones_busy(deployed_lab, stop),))
     busy.start()
@@ -137,30 +188,35 @@ def leaked_consumers(deployed_lab: Cluster) -> Iterator[Cluster]:
     delete_stream(deployed_lab, STREAM)
 
 
-def test_report_then_delete_exactly_the_leaked_consumers(leaked_consumers: Cluster) -> None:
+def test_one_run_deletes_every_leaked_consumer_across_the_servers(leaked_consumers: Cluster) -> None:
     cluster = leaked_consumers
     everything = set(LEAKED) | set(LIVE)
     assert asyncio.run(consumer_names(cluster)) == everything
+    leaked = sorted(f"{STREAM}/{name}" for name in LEAKED)
 
-    report = purge()
-    assert report["changed"] is False and report["deleted"] == []
-    assert sorted(report["stale"]) == sorted(f"{STREAM}/{name}" for name in LEAKED)
-    reasons = {c["name"]: c["reason"] for c in report["consumers"] if c["stream"] == STREAM}
+    # --check: every consumer seen (none left out), exactly the leaked ones stale, nothing deleted.
+    checked, _ = purge("-e", "jetstream_streams_purge_delete=true", "--check")
+    counts = checked["counts"]
+    assert counts["unseen"] == 0 and checked["unseen"] == [], checked["msg"]
+    assert counts["names"] == counts["seen"] >= len(everything), counts
+    assert sorted(checked["stale"]) == leaked and sorted(checked["deleted"]) == leaked
+    reasons = {c["name"]: c["reason"] for c in checked["consumers"] if c["stream"] == STREAM}
     assert "pending" in reasons["projector-pending"] and "awaiting ack" in reasons["projector-unacked"], reasons
     assert "active" in reasons["projector-active"], reasons
-    assert asyncio.run(consumer_names(cluster)) == everything
-
-    checked = purge("-e", "jetstream_streams_purge_delete=true", "--check")
-    assert len(checked["deleted"]) == len(LEAKED)
     assert asyncio.run(consumer_names(cluster)) == everything, "--check deleted consumers"
 
-    started = time.monotonic()
-    applied = purge("-e", "jetstream_streams_purge_delete=true")
-    elapsed = time.monotonic() - started
+    # One run clears them all.
+    applied, took = purge("-e", "jetstream_streams_purge_delete=true")
     assert applied["changed"] is True
-    assert sorted(applied["deleted"]) == sorted(f"{STREAM}/{name}" for name in LEAKED)
+    assert applied["counts"]["unseen"] == 0 and applied["counts"]["failed"] == 0, applied["msg"]
+    assert sorted(applied["deleted"]) == leaked and applied["counts"]["deleted"] == len(LEAKED), applied["msg"]
     assert asyncio.run(consumer_names(cluster)) == set(LIVE)
 
-    again = purge("-e", "jetstream_streams_purge_delete=true")
+    again, _ = purge("-e", "jetstream_streams_purge_delete=true")
     assert again["changed"] is False and again["deleted"] == [] and again["stale"] == []
-    print(f"purge-consumers: {len(applied['deleted'])} of {len(everything)} deleted in {elapsed:.1f} s (playbook)")
+    assert again["counts"]["unseen"] == 0
+    print(
+        f"purge-consumers: {len(applied['deleted'])} of {applied['counts']['names']} deleted in one run, "
+        f"{took:.1f} s (playbook); the list returned {applied['counts']['listed']} of {applied['counts']['seen']} seen "
+        f"(--check: {counts['listed']}); {applied['msg']}"
+    )

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import json
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import nats
@@ -10,12 +14,22 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
+from verify import limits, replicas
 from verify.client import connect
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, answering_nodes, client_urls, monitor_json, monitor_reply
+from verify.plugin import RUNBOOKS, RunState, answering_nodes, client_urls, monitor_json, monitor_reply
 from verify.streams import stream_spec
 
 pytestmark = pytest.mark.cluster
+
+# Every stream each server holds a replica of, with its own replica's state and the stream's
+# config: fetched once per node for the run (jsz_details), read by several checks.
+DETAIL = "/jsz?accounts=true&streams=true&config=true"
+# What the replica check samples again when the first sample shows replicas apart.
+REPLICA_STATE = "/jsz?accounts=true&streams=true"
+# How long the replica check re-samples at most, and how often.
+REPLICA_WINDOW_SECONDS = 2.0
+REPLICA_INTERVAL_SECONDS = 0.2
 
 
 def _answers(state: RunState, cluster: Cluster, path: str) -> dict[str, Any]:
@@ -29,6 +43,129 @@ def _answers(state: RunState, cluster: Cluster, path: str) -> dict[str, Any]:
     if not answers:
         pytest.fail(f"no node's monitor port answers ({', '.join(silent)})", pytrace=False)
     return answers
+
+
+@pytest.fixture(scope="session")
+def jsz_details(nats_cluster: Cluster, verify_state: RunState) -> dict[str, Any]:
+    """DETAIL of every node that answers (host -> /jsz), fetched once for all the checks below."""
+    details = {}
+    for node in nats_cluster.nodes:
+        try:
+            details[node.host] = monitor_json(verify_state, node, DETAIL)
+        except pytest.fail.Exception:
+            continue  # named by the checks of that node (monitor_json recorded why)
+    return details
+
+
+class JetStreamError(Exception):
+    """The JetStream API answered with an error (its description and code), or not at all."""
+
+
+@dataclass
+class JetStreamView:
+    """The account as the JetStream API reports it: account info (`$JS.API.INFO`) and every
+    stream's STREAM.INFO, answered by the stream's leader: `state.consumer_count` there counts
+    the stream's consumers cluster-wide (a node's /jsz counts only those it knows)."""
+
+    account: str
+    info: dict[str, Any] = field(default_factory=dict)
+    streams: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # Streams whose STREAM.INFO failed (no leader, timeout), with the error.
+    unread: dict[str, str] = field(default_factory=dict)
+    error: str = ""
+
+    def require(self) -> None:
+        if self.error:
+            pytest.fail(self.error, pytrace=False)
+
+    def consumers(self, stream: str) -> str:
+        """The report's consumer figure for a stream: cluster-wide, or why it is not known."""
+        if stream in self.streams:
+            return str(int((self.streams[stream].get("state") or {}).get("consumer_count") or 0))
+        return f"? ({self.unread.get(stream) or self.error or 'no STREAM.INFO'})"
+
+
+async def _api(nc: Client, subject: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    try:
+        message = await nc.request(subject, json.dumps(payload).encode() if payload else b"", timeout=timeout)
+    except (nats.errors.Error, TimeoutError) as error:
+        raise JetStreamError(f"{subject}: {type(error).__name__} {error}".strip()) from error
+    reply: dict[str, Any] = json.loads(message.data)
+    if reply.get("error"):
+        problem = reply["error"]
+        raise JetStreamError(f"{subject}: {problem.get('description')} ({problem.get('err_code')})")
+    return reply
+
+
+async def read_jetstream(
+    nc: Client, timeout: float = 2.0, account: str | None = None, fallback: str = "?"
+) -> JetStreamView:
+    """Account info, then STREAM.INFO of every stream at once. The account's name is `account`,
+    or what `$SYS.REQ.USER.INFO` says about this login (`fallback` if it does not say).
+    Raises JetStreamError when account info or the stream list fails."""
+
+    async def who() -> str:
+        if account:
+            return account
+        try:
+            reply = json.loads((await nc.request("$SYS.REQ.USER.INFO", b"", timeout=min(timeout, 1.0))).data)
+            data = reply.get("data") or {}
+            return str(data.get("account_name") or data.get("account") or fallback)
+        except (nats.errors.Error, TimeoutError, ValueError):
+            return fallback
+
+    name, info = await asyncio.gather(who(), _api(nc, "$JS.API.INFO", None, timeout))
+    names: list[str] = []
+    while True:
+        page = await _api(nc, "$JS.API.STREAM.NAMES", {"offset": len(names)}, timeout)
+        names += page.get("streams") or []
+        if not page.get("streams") or len(names) >= int(page.get("total") or 0):
+            break
+    answers = await asyncio.gather(
+        *(_api(nc, f"$JS.API.STREAM.INFO.{n}", None, timeout) for n in names), return_exceptions=True
+    )
+    view = JetStreamView(account=name, info=info)
+    for stream, answer in zip(names, answers, strict=True):
+        if isinstance(answer, dict):
+            view.streams[stream] = answer
+        else:
+            view.unread[stream] = str(answer)
+    return view
+
+
+@pytest.fixture(scope="session")
+def jetstream_view(nats_cluster: Cluster, verify_state: RunState) -> JetStreamView:
+    """read_jetstream once for the run, as verify's login; a failure is kept in `error` and fails
+    the checks that need the view."""
+    fallback = str(nats_cluster.nodes[0].settings.get("nats_server_app_account") or "?")
+    seconds = min(5.0, max(1.0, verify_state.remaining()))
+
+    async def read() -> JetStreamView:
+        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
+        try:
+            return await read_jetstream(nc, timeout=min(2.0, seconds), fallback=fallback)
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(read(), seconds))
+    except TimeoutError:
+        return JetStreamView(fallback, error=f"account info and STREAM.INFO: no answer within {seconds:.0f} s")
+    except Exception as error:  # any failure to read is the checks' finding, not a crash
+        return JetStreamView(fallback, error=f"account info: {type(error).__name__}: {error}")
+
+
+def default_max_consumers(details: dict[str, Any]) -> Any:
+    """The servers' default per-stream consumer limit (/jsz `limits`), when any node reports one."""
+    found = [(j.get("limits") or {}).get("default_max_consumers") for j in details.values()]
+    return next((v for v in found if limits.limited(v)), None)
+
+
+def judge(state: RunState, usages: Iterable[limits.Usage | None]) -> list[str]:
+    """Warnings (80%) go to the run's warnings with their runbook; returns the failures (100%)."""
+    warnings, failures = limits.judge(usages)
+    state.warnings += [f"{u.message()}; next: {RUNBOOKS[u.runbook]}" for u in warnings]
+    return [u.message() for u in failures]
 
 
 @pytest.mark.runbook("cluster")
@@ -148,29 +285,28 @@ def test_jetstream_domain(nats_node: Node, verify_state: RunState) -> None:
 
 
 @pytest.mark.runbook("cluster")
-def test_account_jetstream_usage(nats_cluster: Cluster, verify_state: RunState) -> None:
-    """What `nats account info` shows; fails with the server's words (e.g. 10008) when it cannot."""
-
-    async def usage() -> Any:
-        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
-        try:
-            return await nc.jetstream(timeout=2).account_info()
-        finally:
-            await nc.close()
-
-    info = asyncio.run(asyncio.wait_for(usage(), min(5.0, max(1.0, verify_state.remaining()))))
-    assert info.limits is not None
+def test_account_jetstream_usage(
+    jetstream_view: JetStreamView, jsz_details: dict[str, Any], verify_state: RunState
+) -> None:
+    """What `nats account info` shows, against the account's limits; fails with the server's words
+    (e.g. 10008) when it cannot."""
+    jetstream_view.require()
+    assert "limits" in jetstream_view.info, f"account info without limits: {jetstream_view.info}"
     verify_state.report.append(
-        f"account JetStream: memory {info.memory} B, storage {info.storage} B, "
-        f"streams {info.streams}, consumers {info.consumers}"
+        limits.account_line(
+            jetstream_view.account, jetstream_view.info, jetstream_view.streams, default_max_consumers(jsz_details)
+        )
     )
 
 
 @pytest.mark.runbook("cluster")
-def test_streams_have_leaders_and_current_replicas(nats_cluster: Cluster, verify_state: RunState) -> None:
-    """`nats stream report`: every stream's leader and replicas, lagging or offline ones named."""
+def test_streams_have_leaders_and_current_replicas(
+    nats_cluster: Cluster, jsz_details: dict[str, Any], jetstream_view: JetStreamView, verify_state: RunState
+) -> None:
+    """`nats stream report`: every stream's leader and replicas, lagging or offline ones named;
+    its consumers as STREAM.INFO counts them (cluster-wide)."""
     problems = []
-    for stream in sorted(_stream_details(verify_state, nats_cluster), key=lambda s: str(s["name"])):
+    for stream in sorted(_stream_details(verify_state, nats_cluster, jsz_details), key=lambda s: str(s["name"])):
         name = stream["name"]
         cluster = stream.get("cluster") or {}
         replicas = stream.get("config", {}).get("num_replicas", 1)
@@ -183,7 +319,7 @@ def test_streams_have_leaders_and_current_replicas(nats_cluster: Cluster, verify
         verify_state.report.append(
             f"stream {name}: replicas {replicas}, leader {cluster.get('leader') or 'none'}, "
             f"behind: {', '.join(behind) or 'none'}, messages {state.get('messages', 0)}, "
-            f"consumers {state.get('consumer_count', 0)}"
+            f"bytes {limits.human_bytes(int(state.get('bytes') or 0))}, consumers {jetstream_view.consumers(name)}"
         )
         if replicas > 1 and not cluster.get("leader"):
             problems.append(f"{name}: no leader")
@@ -193,25 +329,122 @@ def test_streams_have_leaders_and_current_replicas(nats_cluster: Cluster, verify
 
 @pytest.mark.runbook("consumers")
 def test_no_stale_consumer_build_up(
-    nats_cluster: Cluster, verify_state: RunState, request: pytest.FixtureRequest
+    jetstream_view: JetStreamView, verify_state: RunState, request: pytest.FixtureRequest
 ) -> None:
+    """More consumers on a stream than --max-consumers-per-stream, counted cluster-wide."""
+    jetstream_view.require()
     threshold = request.config.getoption("--max-consumers-per-stream")
-    crowded = {
-        stream["name"]: stream.get("state", {}).get("consumer_count", 0)
-        for stream in _stream_details(verify_state, nats_cluster)
-        if stream.get("state", {}).get("consumer_count", 0) > threshold
+    counts = {
+        name: int((stream.get("state") or {}).get("consumer_count") or 0)
+        for name, stream in sorted(jetstream_view.streams.items())
     }
+    crowded = {name: count for name, count in counts.items() if count > threshold}
     assert not crowded, f"consumers per stream above {threshold}: {crowded}"
 
 
-def _stream_details(state: RunState, cluster: Cluster) -> list[dict[str, Any]]:
+@pytest.mark.runbook("consumers")
+def test_consumer_limits_not_reached(
+    jetstream_view: JetStreamView, jsz_details: dict[str, Any], verify_state: RunState
+) -> None:
+    """Each stream's consumers (cluster-wide) against the limit the server applies to that stream:
+    its own max_consumers, or the account's (counted per stream), or the server default."""
+    jetstream_view.require()
+    usages = limits.consumer_usages(jetstream_view.streams, jetstream_view.info, default_max_consumers(jsz_details))
+    failures = judge(verify_state, usages)
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.runbook("capacity")
+def test_account_and_stream_limits_not_reached(jetstream_view: JetStreamView, verify_state: RunState) -> None:
+    """The account's memory, storage and streams against its limits; each stream's bytes and
+    messages against its max_bytes and max_msgs."""
+    jetstream_view.require()
+    usages = limits.account_usages(jetstream_view.account, jetstream_view.info)
+    for name, stream in sorted(jetstream_view.streams.items()):
+        usages += limits.stream_usages(name, stream)
+    failures = judge(verify_state, usages)
+    assert not failures, "; ".join(failures)
+
+
+@pytest.mark.runbook("capacity")
+def test_server_store_limits_not_reached(nats_node: Node, jsz_details: dict[str, Any], verify_state: RunState) -> None:
+    """The node's JetStream store (its replicas of every stream) against its max_file_store and
+    max_memory_store (/jsz config), and its HA assets against max_ha_assets when set."""
+    jsz = jsz_details.get(nats_node.host) or monitor_json(verify_state, nats_node, DETAIL)
+    failures = judge(verify_state, limits.server_usages(nats_node.host, jsz))
+    assert not failures, "; ".join(failures)
+
+
+def replica_samples(state: RunState, nodes: list[Node], pool: ThreadPoolExecutor) -> dict[str, Any]:
+    """REPLICA_STATE of the nodes, asked all at once so the replicas are seen at one moment."""
+
+    def ask(node: Node) -> Any:
+        try:
+            return monitor_json(state, node, REPLICA_STATE)
+        except pytest.fail.Exception:
+            return None  # reported by that node's checks; left out of the comparison
+
+    answers = list(pool.map(ask, nodes))
+    return {node.host: answer for node, answer in zip(nodes, answers, strict=True) if answer is not None}
+
+
+def compare_replicas(
+    state: RunState, cluster: Cluster, first: dict[str, Any] | None = None, window: float = REPLICA_WINDOW_SECONDS
+) -> list[str]:
+    """replicas.settle over the answering nodes' monitors; notes go to the report, returns the
+    streams whose replicas never agreed."""
+    nodes = answering_nodes(state, cluster)
+    if first:
+        # A node missing from the first fetch did not answer it (monitor_json said why).
+        nodes = [n for n in nodes if n.host in first]
+        first = {n.host: first[n.host] for n in nodes} or None
+    hosts_by_server = {n.server_name: n.host for n in cluster.nodes}
+    window = min(window, max(0.0, state.remaining() - 1.0))
+    with ThreadPoolExecutor(max_workers=max(1, len(nodes))) as pool:
+        settled = replicas.settle(
+            lambda: replica_samples(state, nodes, pool),
+            hosts_by_server,
+            first=first,
+            window=window,
+            interval=REPLICA_INTERVAL_SECONDS,
+        )
+    answering = answering_nodes(state, cluster)
+    silent = [n.host for n in cluster.nodes if n not in nodes or n not in answering]
+    accounts = {account for account, _ in (*settled.divergent, *settled.trailing)}
+
+    def named(key: replicas.StreamKey) -> str:
+        return key[1] if len(accounts) <= 1 else f"{key[1]} (account {key[0]})"
+
+    sampled = f"{settled.samples} sample{'s' if settled.samples > 1 else ''} in {settled.seconds:.1f} s"
+    state.report.append(
+        f"replicas: {settled.compared} streams compared, {len(settled.divergent)} differ ({sampled})"
+        + (f"; not compared on {', '.join(silent)} (not answering)" if silent else "")
+    )
+    state.report += [
+        f"replicas of {named(key)}: trailing a live writer (each follower caught up with the leader's "
+        "first sample), not compared figure by figure"
+        for key in settled.trailing
+    ]
+    return [f"{named(key)}: {'; '.join(found)}" for key, found in settled.divergent.items()]
+
+
+@pytest.mark.runbook("cluster")
+def test_replicas_hold_the_same_data(
+    nats_cluster: Cluster, jsz_details: dict[str, Any], verify_state: RunState
+) -> None:
+    """`nats server stream-check`: every stream's replicas report the same first and last
+    sequence, messages and bytes; sampled again for up to 2 s while they differ (live writes)."""
+    problems = compare_replicas(verify_state, nats_cluster, first=jsz_details)
+    assert not problems, "replicas differ in every sample: " + " | ".join(problems)
+
+
+def _stream_details(state: RunState, cluster: Cluster, details: dict[str, Any]) -> list[dict[str, Any]]:
     """Every stream as its own leader reports it (only the leader knows whether its replicas are
     current); a stream without a leader as any node reports it."""
     by_name: dict[str, dict[str, Any]] = {}
     for node in cluster.nodes:
-        try:
-            detail = monitor_json(state, node, "/jsz?accounts=true&streams=true&config=true")
-        except pytest.fail.Exception:
+        detail = details.get(node.host)
+        if detail is None:
             continue
         for account in detail.get("account_details") or []:
             for stream in account.get("stream_detail") or []:

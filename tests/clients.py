@@ -1,0 +1,88 @@
+"""The CIM's own client (clients/cim-rust, async-nats 0.33) and the nats.js check
+(clients/node), built and run against a cluster the way their users would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from tests.helpers import REPO
+from verify.inventory import Cluster
+
+RUST_MANIFEST = REPO / "clients" / "cim-rust" / "Cargo.toml"
+NODE_DIR = REPO / "clients" / "node"
+# As clients/rust.mk: build output outside the checkout, kept between runs.
+CARGO_TARGET_DIR = Path(
+    os.environ.get("CARGO_TARGET_DIR") or Path.home() / ".cache" / "cim-nats-infra" / "cargo-target"
+)
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(str(Path.home() / ".cargo" / "bin" / name))
+    if found is None:
+        raise RuntimeError(f"{name} not found (PATH, ~/.cargo/bin): the client checks need it")
+    return found
+
+
+@cache
+def cim_contract_binary() -> Path:
+    """cim-contract, built as `make rust-client` builds it (release, --locked); a no-op when built."""
+    built = subprocess.run(
+        [_tool("cargo"), "build", "--release", "--locked", "--manifest-path", str(RUST_MANIFEST)],
+        env=os.environ | {"CARGO_TARGET_DIR": str(CARGO_TARGET_DIR)},
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        check=False,
+    )
+    if built.returncode != 0:
+        raise RuntimeError(f"cargo build of clients/cim-rust failed:\n{built.stderr[-4000:]}")
+    return CARGO_TARGET_DIR / "release" / "cim-contract"
+
+
+@cache
+def node_client_dir() -> Path:
+    """clients/node with its pinned packages installed (npm ci, as `make node-client`)."""
+    if not (NODE_DIR / "node_modules" / ".package-lock.json").exists():
+        installed = subprocess.run(
+            [_tool("npm"), "ci", "--no-audit", "--no-fund"],
+            cwd=NODE_DIR,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
+        )
+        if installed.returncode != 0:
+            raise RuntimeError(f"npm ci in clients/node failed:\n{installed.stderr[-4000:]}")
+    return NODE_DIR
+
+
+def client_env(cluster: Cluster, client: str = "cim", urls: list[str] | None = None) -> dict[str, str]:
+    """The environment a client bundle's env file gives (playbooks/client-bundle.yml)."""
+    login = cluster.clients[client]
+    return {
+        "NATS_URL": ",".join(urls or cluster.client_urls),
+        "NATS_USER": login.user,
+        "NATS_PASSWORD": login.password,
+        "NATS_CA": str(cluster.ca_file),
+    }
+
+
+def run_json(
+    command: list[str], env: dict[str, str], timeout: float, cwd: Path | None = None
+) -> tuple[int, dict[str, Any], str]:
+    """Runs a client that prints one JSON line; (exit code, that JSON or {}, stderr)."""
+    done = subprocess.run(
+        command, env=os.environ | env, capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    try:
+        report = json.loads(lines[-1]) if lines else {}
+    except ValueError:
+        report = {}
+    return done.returncode, report, done.stderr + done.stdout[-2000:]
