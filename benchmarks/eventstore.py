@@ -4,8 +4,12 @@ measured in the same run:  python -m benchmarks.eventstore
 1. nats-verify wall time: healthy; with each lab fault on nats-3 (stop, kill, isolate,
    stale-storage); and after healing it, the time until verify is green again
 2. empty-aggregate read: verify.eventstore (direct get) vs the CIM's fetch-until-timeout (2 s expiry)
+   through a new ephemeral consumer with no inactive threshold of its own, as the CIM reads
 3. OCC append rate vs plain publish, same R3 stream
 4. replay of 10k events: batched direct get vs a raw ordered consumer
+5. the CIM's own client (clients/cim-rust, async-nats 0.33) reading in its pattern at rising rates,
+   20 s each, as the CIM user: the highest rate served with zero refusals, and the peak number of
+   live consumers at each rate (INFRASTRUCTURE_EVENTS' consumer_count, sampled every second)
 Goals (issue #3): verify <= 10 s healthy, <= 30 s with a node down or cut off; empty read >= 40x faster;
 OCC >= 0.8x plain; replay >= 0.8x ordered consumer.
 """
@@ -18,11 +22,13 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nats
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
+from tests.clients import cim_contract_binary, client_env, run_json
 from tests.helpers import LAB_INVENTORY, nats_lab, nats_verify, verify_until_green
 from verify import eventstore as es
 from verify.inventory import Cluster, load_cluster
@@ -64,15 +70,18 @@ def event(n: int) -> es.Event:
 
 
 async def cim_empty_read(nc: Client, subject_filter: str) -> float:
-    """The CIM's read: a pull consumer on the aggregate, fetch with a 2 s expiry, stop on timeout."""
+    """The CIM's read: a new ephemeral pull consumer on the aggregate with no inactive threshold
+    of its own (the server's 5 s default ends it), fetch with a 2 s expiry, stop on timeout."""
     js = nc.jetstream(timeout=5)
     start = time.monotonic()
-    psub = await js.pull_subscribe(subject_filter, stream=STREAM, config=ConsumerConfig(inactive_threshold=5.0))
+    psub = await js.pull_subscribe(subject_filter, stream=STREAM, config=ConsumerConfig())
     try:
         await psub.fetch(100, timeout=2)
-    except nats.errors.TimeoutError:
+    # nats-py 2.16 raises plain asyncio.TimeoutError (the builtin one on 3.11) from some fetch paths.
+    except (TimeoutError, nats.errors.TimeoutError):
         pass
     finally:
+        # Unsubscribing leaves the consumer, as the CIM leaves its own.
         await psub.unsubscribe()
     return time.monotonic() - start
 
@@ -160,6 +169,26 @@ async def eventstore_figures(cluster: Cluster) -> dict[str, float]:
         await nc.close()
 
 
+CIM_READ_RATES = (10, 20, 30, 40, 60, 80)
+CIM_READ_SECONDS = 20
+
+
+def cim_read_rates(cluster: Cluster) -> list[tuple[int, dict[str, Any]]]:
+    """The CIM's reads through its own client at each rate, until one is refused."""
+    figures = []
+    for rate in CIM_READ_RATES:
+        args = ["read-load", "--rate", str(rate), "--seconds", str(CIM_READ_SECONDS), "--end-on-no-messages"]
+        _, report, output = run_json([str(cim_contract_binary()), *args], client_env(cluster), timeout=600)
+        if "attempted" not in report:
+            raise SystemExit(f"cim-contract read-load at {rate}/s gave no report: {output[-2000:]}")
+        figures.append((rate, report))
+        if report["served"] != report["attempted"]:
+            break
+        # The consumers of this rate go (5 s after their last pull) before the next rate starts.
+        time.sleep(10)
+    return figures
+
+
 def main() -> None:
     cluster = load_cluster(LAB_INVENTORY)
     with tempfile.TemporaryDirectory() as workdir:
@@ -168,6 +197,7 @@ def main() -> None:
             raise SystemExit("verify fails on the lab before any fault: deploy it first (make lab)")
         faults = fault_figures(Path(workdir))
     f = asyncio.run(eventstore_figures(cluster))
+    reads = cim_read_rates(cluster)
     print(f"{'figure':48} {'value':>12} {'baseline':>12} {'ratio':>8}  goal")
     print(f"{'nats-verify wall, healthy (s)':48} {healthy:12.2f} {'':>12} {'':>8}  <= 10 s")
     for fault, (failing, green_after) in faults.items():
@@ -185,6 +215,21 @@ def main() -> None:
         f"{'replay of 10k events vs ordered consumer (ev/s)':48} {f['replay_ours']:12.0f} {f['replay_ordered']:12.0f} "
         f"{f['replay_ours'] / f['replay_ordered']:7.2f}x  >= 0.8x"
     )
+    limit = int(cluster.setting("nats_server_app_jetstream_limits")["max_consumers"])
+    for rate, r in reads:
+        refused = r["attempted"] - r["served"]
+        print(
+            f"{f'CIM reads at {rate}/s for {CIM_READ_SECONDS} s: served of attempted':48} {r['served']:12d} "
+            f"{r['attempted']:12d} {r['served'] / max(1, r['attempted']):7.3f}x  all served"
+        )
+        print(
+            f"{'  peak live consumers / per-stream limit':48} {r['peak_consumers']:12d} {limit:12d} "
+            f"{r['peak_consumers'] / limit:7.3f}x  far below; read p50 {r['latency_ms']['p50']:.0f} ms, "
+            f"p99 {r['latency_ms']['p99']:.0f} ms"
+            + (f"; {refused} refused: {r['refused']['errors'][:2]}" if refused else "")
+        )
+    served = [rate for rate, r in reads if r["served"] == r["attempted"]]
+    print(f"{'sustained CIM read rate, zero refusals (reads/s)':48} {max(served, default=0):12d}")
 
 
 if __name__ == "__main__":

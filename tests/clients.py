@@ -11,7 +11,7 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import REPO
+from tests.helpers import REPO, run_playbook
 from verify.inventory import Cluster
 
 RUST_MANIFEST = REPO / "clients" / "cim-rust" / "Cargo.toml"
@@ -62,15 +62,44 @@ def node_client_dir() -> Path:
     return NODE_DIR
 
 
+BUNDLE_VARIABLES = ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_CA")
+
+
+@cache
+def bundle_env(inventory: Path, client: str) -> dict[str, str]:
+    """The application's bundle as playbooks/client-bundle.yml writes it (controller only), and
+    the environment its env file gives, read by a real shell: what the application runs with."""
+    directory = REPO / "build" / "test-bundles" / client
+    made = run_playbook(
+        "client-bundle.yml", inventory, "-e", f"client={client}", "-e", f"client_bundle_dir={directory}"
+    )
+    if made.returncode != 0:
+        raise RuntimeError(f"client-bundle.yml failed:\n{made.stdout[-3000:]}\n{made.stderr[-2000:]}")
+    shown = subprocess.run(
+        # set -a: whether or not the file exports them, the variables reach `env`.
+        ["sh", "-c", 'set -a && . "$0" && env', str(directory / "env")],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+    )
+    found = dict(line.split("=", 1) for line in shown.stdout.splitlines() if "=" in line)
+    return {name: found[name] for name in BUNDLE_VARIABLES}
+
+
+def bundle_servers_by_name(cluster: Cluster, client: str = "cim") -> list[str]:
+    """The bundle's servers-by-name: the members' names, for clients that check names (nats.js)."""
+    bundle_env(cluster.inventory, client)
+    return (REPO / "build" / "test-bundles" / client / "servers-by-name").read_text().split()
+
+
 def client_env(cluster: Cluster, client: str = "cim", urls: list[str] | None = None) -> dict[str, str]:
-    """The environment a client bundle's env file gives (playbooks/client-bundle.yml)."""
-    login = cluster.clients[client]
-    return {
-        "NATS_URL": ",".join(urls or cluster.client_urls),
-        "NATS_USER": login.user,
-        "NATS_PASSWORD": login.password,
-        "NATS_CA": str(cluster.ca_file),
-    }
+    """The client's bundle env (NATS_URL, NATS_USER, NATS_PASSWORD, NATS_CA); `urls` replaces
+    the servers (the members' names for nats.js: the bundle's servers-by-name)."""
+    env = dict(bundle_env(cluster.inventory, client))
+    if urls:
+        env["NATS_URL"] = ",".join(urls)
+    return env
 
 
 def run_json(

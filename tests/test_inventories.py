@@ -78,7 +78,7 @@ def test_lab_addresses_stay_in_the_lab_subnet() -> None:
         assert settings["lab_bridge_address"] == "10.231.20.1/24"
 
 
-@pytest.mark.parametrize("role", ["nats_server", "jetstream_storage", "jetstream_streams", "nats_pki"])
+@pytest.mark.parametrize("role", ["nats_server", "jetstream_storage", "jetstream_streams", "nats_pki", "client_bundle"])
 def test_argument_specs_document_every_default(role: str) -> None:
     defaults = role_defaults(role)
     specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())

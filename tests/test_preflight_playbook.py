@@ -74,6 +74,10 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"group_vars": {"nats_server_system_password": "é" * 40}},
         "is 80 bytes in UTF-8",
     ),
+    "removed variable still set": (
+        {"group_vars": {"nats_server_app_password": "an-old-style-app-password-x7"}},
+        "nats_server_app_password is no longer used: set nats_server_app_admin_password",
+    ),
     "application named like the administrator": (
         {"group_vars": {"nats_server_app_admin_user": "cim"}},
         "the user 'cim' is taken",
@@ -129,6 +133,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
 }
 # Secrets a case sets: the refusal must name the variable, never show the value.
 SECRET_KEYS = (
+    "nats_server_app_password",
     "nats_server_app_admin_password",
     "nats_server_client_cim_password",
     "nats_server_system_password",

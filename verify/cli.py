@@ -23,6 +23,12 @@ def main(argv: list[str] | None = None) -> int:
         known.inventory,
         "-p",
         "no:cacheprovider",
+        # Neither is used by the checks; together they cost ~3 s of a ~10 s run: hypothesis'
+        # summary imports it at exit, and assertion rewriting recompiles every check module
+        # each run (the messages are written out in each assert).
+        "-p",
+        "no:hypothesispytest",
+        "--assert=plain",
         # The checks need no conftest; a checkout's own test conftest must not run here.
         "--noconftest",
         "-q",

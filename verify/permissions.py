@@ -23,6 +23,8 @@ import nats
 
 # nats-py lowers the case of the server's -ERR text.
 VIOLATION = "permissions violation for publish to"
+# How long a probe nothing answers (an ack) waits for a violation that trails the flush.
+UNANSWERED_GRACE = 0.3
 # A sequence no subject reaches: an append expecting it is refused and stores nothing.
 UNREACHABLE_SEQUENCE = str(2**62)
 
@@ -152,6 +154,10 @@ async def attempt(nc: Any, probes: list[Probe], violations: list[str], seconds: 
         except nats.errors.NoRespondersError:
             answer = "no responders"
         refused = _violated(probe, violations[before:])
+        if not refused and not probe.answered:
+            # Nothing answers an ack: only a violation can tell, and it can trail the flush.
+            await asyncio.sleep(UNANSWERED_GRACE)
+            refused = _violated(probe, violations[before:])
         if not refused and answer == "no answer":
             # A refused request gets no reply; its violation can trail the timeout by a flush.
             await nc.flush(timeout=seconds)
@@ -161,8 +167,10 @@ async def attempt(nc: Any, probes: list[Probe], violations: list[str], seconds: 
 
 
 async def attempt_refused(nc: Any, probes: list[Probe], violations: list[str], seconds: float) -> list[Outcome]:
-    """All at once: each is published with a reply subject, then one flush brings every violation
-    (the server sends it before the flush's PONG). Only a probe that was let through is waited for."""
+    """All at once: each is published with a reply subject; then each is waited for until it is
+    either refused (the server's violation) or answered (let through: JetStream answers every one
+    of these, with an error). The violation can trail the flush's PONG (seen on the lab), so the
+    flush alone decides nothing."""
     inbox = nc.new_inbox()
     answers: dict[str, str] = {}
 
@@ -174,12 +182,18 @@ async def attempt_refused(nc: Any, probes: list[Probe], violations: list[str], s
     for index, probe in enumerate(probes):
         await nc.publish(probe.subject, probe.payload, reply=f"{inbox}.{index}", headers=probe.headers)
     await nc.flush(timeout=seconds)
-    seen = violations[before:]
-    refused = [_violated(p, seen) for p in probes]
-    if not all(refused):
-        await asyncio.sleep(min(seconds, 0.5))
+    deadline = asyncio.get_running_loop().time() + seconds
+    while True:
+        refused = [_violated(p, violations[before:]) for p in probes]
+        settled = all(r or str(i) in answers for i, r in enumerate(refused))
+        if settled or asyncio.get_running_loop().time() > deadline:
+            break
+        await asyncio.sleep(0.02)
     await sub.unsubscribe()
-    return [Outcome(p, r, answers.get(str(i), "")) for i, (p, r) in enumerate(zip(probes, refused, strict=True))]
+    return [
+        Outcome(p, r, answers.get(str(i), "neither refused nor answered"))
+        for i, (p, r) in enumerate(zip(probes, refused, strict=True))
+    ]
 
 
 async def check_client(

@@ -31,7 +31,7 @@ RUNBOOKS = {
     "config": "re-run playbooks/site.yml (it validates and rolls the config)",
     "cluster": "JetStream unavailable / quorum: fix the failing nodes first; docs/runbooks/README.md maps symptoms",
     "consumers": "stale consumers: playbooks/remediate/purge-consumers.yml (docs/runbooks/purge-consumers.md)",
-    "capacity": "the store is filling: purge or delete data, or raise the limit (a stream's max_bytes/max_msgs: "
+    "capacity": "the store is filling: raise the limit before it refuses writes (a stream's max_bytes/max_msgs: "
     "playbooks/streams.yml; the account's or a server's: nats_server_app_jetstream_limits, "
     "nats_server_jetstream_max_*_store, playbooks/site.yml); docs/storage.md",
     "streams": "a declared stream differs: run playbooks/streams.yml (--check --diff shows the change)",

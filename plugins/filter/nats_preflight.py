@@ -257,7 +257,18 @@ def _check_clients(node: Mapping[str, Any], bad: Report) -> None:
                 bad(f"{label}: publish {subject!r}: the JetStream API comes with streams, not publish")
 
 
+# Variables that no longer exist, with what replaced them: set, they would be silently ignored.
+REMOVED_VARIABLES = {
+    "nats_server_app_user": "nats_server_app_admin_user (the tools) and nats_server_app_clients (each application)",
+    "nats_server_app_password": "nats_server_app_admin_password, and each application's password in "
+    "nats_server_app_clients",
+}
+
+
 def _check_accounts(node: Mapping[str, Any], bad: Report) -> None:
+    for variable, replacement in REMOVED_VARIABLES.items():
+        if node.get("removed", {}).get(variable):
+            bad(f"{variable} is no longer used: set {replacement} instead (docs/security.md)")
     for variable in (
         "nats_server_app_account",
         "nats_server_system_account",

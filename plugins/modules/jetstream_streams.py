@@ -11,9 +11,15 @@ description:
   - Connects to the cluster with nats-py and makes each declared stream match its declaration.
   - Creates missing streams and consumers, updates changed mutable fields in place, and reports a
     diff in check mode. Never deletes a stream or consumer that is not declared.
+  - Every declared stream keeps every event unless it declares I(deletes_old_events=true) - the
+    keys that decide it are always managed, with these values when left out - retention limits,
+    discard new, no max_age, no max_msgs/max_bytes/max_msgs_per_subject, no rollups, deny_delete
+    and deny_purge true, no consumer_limits.inactive_threshold. A declaration that would delete
+    events without the key is refused before anything is applied.
   - Refuses destructive changes (storage or retention type, fewer replicas, removed subjects,
-    lowered max_age/max_bytes/max_msgs) unless I(allow_destructive) is set; a storage type change
-    is refused always, because NATS cannot change it in place.
+    lowered max_age/max_bytes/max_msgs/max_msgs_per_subject/max_msg_size) unless
+    I(allow_destructive) is set; a storage type change is refused always, because NATS cannot
+    change it in place.
   - Every change is checked before any is applied, so a refused declaration changes nothing.
 extends_documentation_fragment:
   - jetstream_connection
@@ -21,9 +27,10 @@ options:
   streams:
     description:
       - Declared streams. Keys name, subjects, storage, replicas are required; optional keys are
-        description, retention, discard, max_age, max_bytes, max_msgs, max_msg_size,
-        max_consumers, duplicate_window, allow_direct, allow_atomic, allow_rollup, deny_delete,
-        deny_purge, consumer_inactive_threshold (durations like 30d/2m, sizes like 10GB), and
+        description, retention, discard, max_age, max_bytes, max_msgs, max_msgs_per_subject,
+        max_msg_size, max_consumers, duplicate_window, allow_direct, allow_atomic, allow_rollup,
+        deny_delete, deny_purge, consumer_inactive_threshold (durations like 30d/2m/1m30s, sizes
+        like 10GB), deletes_old_events (true to allow a declaration that deletes events), and
         consumers (a list of durable consumers).
     type: list
     elements: dict
@@ -53,7 +60,7 @@ EXAMPLES = r"""
         subjects: ["infrastructure.>"]
         storage: file
         replicas: 3
-        max_age: 30d
+        max_bytes: 10GB
   delegate_to: localhost
   run_once: true
 """

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import cim_contract_binary, client_env, node_client_dir, run_json
+from tests.clients import bundle_servers_by_name, cim_contract_binary, client_env, node_client_dir, run_json
 from verify.inventory import Cluster
 
 pytestmark = pytest.mark.lab
@@ -89,7 +89,8 @@ def test_nodejs_connects_by_name_with_verification_on(deployed_lab: Cluster, tmp
     node = shutil.which("node")
     assert node, "node is needed for the nats.js check"
     script = str(node_client_dir() / "cim-check.mjs")
-    by_name = [f"tls://{n.host}:{n['nats_server_client_port']}" for n in deployed_lab.nodes]
+    by_name = bundle_servers_by_name(deployed_lab)
+    assert len(by_name) == len(deployed_lab.nodes), by_name
     code, report, output = run_json(
         _with_lab_names(deployed_lab, tmp_path, [node, script]),
         client_env(deployed_lab, urls=by_name),

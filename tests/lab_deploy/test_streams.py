@@ -12,7 +12,7 @@ from typing import Any
 import nats
 import pytest
 
-from tests.helpers import LAB_INVENTORY, run_playbook
+from tests.helpers import LAB_INVENTORY, delete_stream, run_playbook
 from verify.inventory import Cluster
 from verify.streams import stream_spec
 
@@ -102,3 +102,70 @@ def test_lowering_back_needs_the_explicit_allowance_then_site_reruns_clean(deplo
     result = run_playbook("site.yml", LAB_INVENTORY)
     assert result.returncode == 0, result.stdout[-3000:]
     assert all(int(n) == 0 for n in re.findall(r"changed=(\d+)", result.stdout)), result.stdout[-2000:]
+
+
+# INFRASTRUCTURE_EVENTS as production runs it before this change (the declaration it came from:
+# max_age 30d, max_bytes 10GB, consumer_inactive_threshold 1h; discard old by the server's default).
+NO_PLACEMENT = 10005
+TODAYS_STREAM = {
+    "name": STREAM,
+    "description": "CIM infrastructure event store",
+    "subjects": ["infrastructure.>"],
+    "storage": "file",
+    "num_replicas": 3,
+    "retention": "limits",
+    "discard": "old",
+    "max_age": 30 * 86400 * 10**9,
+    "max_bytes": 10 << 30,
+    "allow_direct": True,
+    "allow_atomic": True,
+    "duplicate_window": 120 * 10**9,
+    "consumer_limits": {"inactive_threshold": 3600 * 10**9},
+}
+
+
+def test_todays_stream_migrates_to_keeping_every_event(deployed_lab: Cluster) -> None:
+    """From today's declaration with events in it: streams.yml turns it into a stream that keeps
+    every event (no age limit, discard new, delete and purge denied, no consumer default), in place:
+    every event is still there with its sequence, subject and payload."""
+    delete_stream(deployed_lab, STREAM)
+
+    async def create_todays() -> list[tuple[int, str, bytes]]:
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        js = nc.jetstream(timeout=10)
+        # A stream just deleted frees its storage reservation on the peers a moment later (10005).
+        for _ in range(40):
+            answer = await nc.request(f"$JS.API.STREAM.CREATE.{STREAM}", json.dumps(TODAYS_STREAM).encode(), 10)
+            reply = json.loads(answer.data)
+            if (reply.get("error") or {}).get("err_code") != NO_PLACEMENT:
+                break
+            await asyncio.sleep(0.5)
+        assert "error" not in reply, reply
+        events = []
+        for n in range(60):
+            subject = f"infrastructure.compute.{uuid.UUID(int=n % 6)}.created"
+            body = json.dumps({"event_id": str(uuid.uuid4()), "sequence": n}).encode()
+            events.append(((await js.publish(subject, body)).seq, subject, body))
+        await nc.close()
+        return events
+
+    async def stored(seqs: list[int]) -> list[tuple[int, str, bytes]]:
+        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        js = nc.jetstream(timeout=10)
+        found = []
+        for seq in seqs:
+            msg = await js.get_msg(STREAM, seq)
+            found.append((msg.seq or 0, msg.subject or "", msg.data or b""))
+        await nc.close()
+        return found
+
+    events = asyncio.run(create_todays())
+    code, output = streams_playbook()
+    assert code == 0 and "changed: [nats-1 -> localhost]" in output, output[-3000:]
+    assert asyncio.run(stored([seq for seq, _, _ in events])) == events
+    config = info(deployed_lab).config
+    assert config.max_age == 0 and getattr(config.discard, "value", config.discard) == "new"
+    assert config.deny_delete and config.deny_purge and config.num_replicas == 3
+    assert not (config.consumer_limits and config.consumer_limits.inactive_threshold)
+    code, output = streams_playbook()
+    assert code == 0 and "changed=0" in output and "changed: [" not in output, output[-3000:]

@@ -301,9 +301,10 @@ def test_certificates_chain_to_the_ca_and_are_not_expiring(
 
 @pytest.mark.runbook("certificates")
 def test_certificate_lets_clients_fail_over(nats_node: Node, nats_cluster: Cluster, verify_state: RunState) -> None:
-    """The node's certificate is valid for every member's address. A client given one member's
-    address learns the others as bare IPs, and nats-py (like the Go client) checks their
-    certificates against the address it was given: without this, it cannot fail over."""
+    """The node's certificate is valid for every member's address and name. A client given one
+    member learns the others as bare IPs and checks their certificates against what it was given:
+    nats-py (like the Go client) the address, nats.js the name (it checks a bare IP against
+    "localhost", so its users connect by name: docs/clients.md). Without both it cannot fail over."""
     fail_if_silent(verify_state, nats_node)
     host, port = _split(nats_node.monitor_url)
     # The chain is checked as always; the names are compared below, all in one handshake.
@@ -320,10 +321,12 @@ def test_certificate_lets_clients_fail_over(nats_node: Node, nats_cluster: Clust
         pytest.fail(f"{nats_node.host}: {host}:{port} did not answer", pytrace=False)
     sans = cast(tuple[tuple[str, str], ...], served.get("subjectAltName", ()))
     named = {ipaddress.ip_address(value.strip()) for kind, value in sans if kind == "IP Address"}
+    names = {value.strip().lower() for kind, value in sans if kind == "DNS"}
     missing = [f"{m.address} ({m.host})" for m in nats_cluster.nodes if ipaddress.ip_address(m.address) not in named]
+    missing += [f"the name {m.host}" for m in nats_cluster.nodes if m.host.lower() not in names]
     assert not missing, (
         f"{nats_node.host}: its certificate is not valid for {', '.join(missing)}: a client given that "
-        f"address cannot fail over to {nats_node.host}"
+        f"address or name cannot fail over to {nats_node.host}"
     )
 
 
