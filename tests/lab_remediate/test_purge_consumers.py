@@ -26,7 +26,7 @@ pytestmark = pytest.mark.lab
 
 PLAYBOOK = "remediate/purge-consumers.yml"
 STREAM = "LAB_CONSUMERS"
-# Below the APP account's max_consumers (1024 per stream), with room for the live ones.
+# Below the server's default per-stream limit (1000) as well as the APP account's (4096).
 LEAKED = [f"cim-test-{n:03d}" for n in range(900)]
 LIVE = ["projector-pending", "projector-unacked", "projector-active"]
 STALE_AFTER = 30  # the module's minimum

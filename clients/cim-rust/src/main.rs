@@ -37,6 +37,8 @@ const API_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_TIMEOUT: Duration = Duration::from_secs(15);
 /// One CIM append: a read, then the publishes.
 const APPEND_TIMEOUT: Duration = Duration::from_secs(30);
+/// Setup appends retried when the CIM's read-before-append saw a replica behind its last append.
+const STALE_READ_RETRIES: usize = 5;
 const SAMPLE_TIMEOUT: Duration = Duration::from_secs(3);
 
 // ---------------------------------------------------------------------------------------------
@@ -212,6 +214,30 @@ where
     F: std::future::Future<Output = Result<T, StoreError>>,
 {
     tokio::time::timeout(limit, work).await.unwrap_or(Err(StoreError::Timeout(what, limit)))
+}
+
+/// One CIM append with its caller's retry: the read before it goes through a new consumer, which
+/// may sit on a replica that has not applied the previous append yet, and the CIM's own version
+/// check then fails (seen on the lab). A CIM caller would try again; so does this, a few times,
+/// counting each in `stale_reads`. The server itself refused nothing.
+async fn append_retrying_stale(
+    store: &EventStore,
+    aggregate_id: Uuid,
+    event: &DomainEvent,
+    expected: u64,
+    stale_reads: &std::sync::atomic::AtomicUsize,
+) -> Result<AppendOutcome, StoreError> {
+    let mut retries = 0;
+    loop {
+        match bounded("append", APPEND_TIMEOUT, store.append(aggregate_id, vec![event.clone()], Some(expected))).await {
+            Err(StoreError::Concurrency(_)) if retries < STALE_READ_RETRIES => {
+                retries += 1;
+                stale_reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => return other,
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -649,12 +675,13 @@ async fn contract(report: Shared, settings: Settings, events: Events) -> bool {
     set(&report, "filter_subject", json!(EventStore::filter(aggregate_id)));
     let sent = lifecycle(aggregate_id, 3);
     let mut ok = true;
+    let stale_reads = std::sync::atomic::AtomicUsize::new(0);
 
     // Three commands, one event each, as a CIM service would append them: expected version 0, 1, 2.
     for (n, event) in sent.iter().enumerate() {
         let started = Instant::now();
         let subject = EventStore::subject(aggregate_id, event.type_name);
-        let result = bounded("append", APPEND_TIMEOUT, store.append(aggregate_id, vec![event.clone()], Some(n as u64)))
+        let result = append_retrying_stale(&store, aggregate_id, event, n as u64, &stale_reads)
             .await
             .map_err(|e| e.to_string())
             .and_then(|outcome| {
@@ -672,6 +699,7 @@ async fn contract(report: Shared, settings: Settings, events: Events) -> bool {
                 }
             });
         ok &= record(&report, &format!("append_{}", n + 1), started, result);
+        set(&report, "stale_version_reads", json!(stale_reads.load(std::sync::atomic::Ordering::Relaxed)));
         if !ok {
             break;
         }
@@ -773,16 +801,20 @@ async fn read_load(report: Shared, settings: Settings, events: Events, args: Loa
     set(&report, "aggregates", json!(args.aggregates));
     set(&report, "events_per_aggregate", json!(args.events));
 
-    // 1. The aggregates, written the CIM way (read-before-append per event), concurrently.
+    // 1. The aggregates, written the CIM way (read-before-append per event), concurrently. The
+    // read before an append goes through a new consumer, which may sit on a replica that has not
+    // applied the previous append yet: the CIM's own version check then fails. Its caller would
+    // try again; so does this setup, and it counts them (stale_version_reads).
     let started = Instant::now();
     let ids: Vec<Uuid> = (0..args.aggregates).map(|_| Uuid::now_v7()).collect();
     let per_event = args.events;
+    let stale_reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let writes = futures::stream::iter(ids.clone())
         .map(|id| {
-            let store = store.clone();
+            let (store, stale_reads) = (store.clone(), stale_reads.clone());
             async move {
                 for (n, event) in lifecycle(id, per_event).into_iter().enumerate() {
-                    bounded("append", APPEND_TIMEOUT, store.append(id, vec![event], Some(n as u64))).await?;
+                    append_retrying_stale(&store, id, &event, n as u64, &stale_reads).await?;
                 }
                 Ok::<(), StoreError>(())
             }
@@ -793,6 +825,7 @@ async fn read_load(report: Shared, settings: Settings, events: Events, args: Loa
     let write_errors: BTreeSet<String> =
         writes.iter().filter_map(|r| r.as_ref().err().map(|e| e.to_string())).collect();
     let written = writes.iter().filter(|r| r.is_ok()).count();
+    set(&report, "stale_version_reads", json!(stale_reads.load(std::sync::atomic::Ordering::Relaxed)));
     let write_ok = written == args.aggregates;
     record(
         &report,
