@@ -84,6 +84,7 @@ def clusters(draw: st.DrawFn) -> Cluster:
         "nats_server_controller_release_dir": "",
         "nats_server_client_port": client,
         "nats_server_cluster_port": cluster_port,
+        "nats_server_cluster_pool_size": draw(st.sampled_from([-1, 1, 3])),
         "nats_server_monitor_port": monitor,
         "nats_server_jetstream_max_memory_store": draw(sizes),
         "nats_server_jetstream_max_file_store": draw(sizes),

@@ -9,7 +9,6 @@ passwords included (tests/__init__.py opens the lab vault).
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 from dataclasses import dataclass
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients import client_env
 from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, ansible_env, run_playbook
 from tests.test_preflight_playbook import REFUSING_SSH
 from verify.inventory import Cluster, load_cluster
@@ -126,15 +124,6 @@ def test_env_file_and_context_hold_the_inventorys_login(bundle: Bundle) -> None:
         "password": env["NATS_PASSWORD"],
         "ca": env["NATS_CA"],
     }
-
-
-def test_bundle_env_is_what_the_lab_tests_connect_with(bundle: Bundle) -> None:
-    """One place per fact: tests/clients.client_env (the lab tests' login) and the bundle name the
-    same URLs, user and password, and the same CA (the bundle's own copy of it)."""
-    cluster = dataclasses.replace(bundle.cluster, ca_file=bundle.ca_given)
-    expected, env = client_env(cluster, CLIENT), read_env(bundle.directory / "env")
-    assert {k: v for k, v in env.items() if k != "NATS_CA"} == {k: v for k, v in expected.items() if k != "NATS_CA"}
-    assert Path(env["NATS_CA"]).read_bytes() == Path(expected["NATS_CA"]).read_bytes()
 
 
 def test_paths_name_where_the_bundle_will_be_installed(offline_pki: Path, tmp_path: Path) -> None:

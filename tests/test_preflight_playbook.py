@@ -99,7 +99,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "nats_server_tls_ca_file '/nonexistent/ca.crt' does not exist on the controller",
     ),
     "one user for two accounts": (
-        {"group_vars": {"nats_server_system_user": "cim"}},
+        {"group_vars": {"nats_server_system_user": "admin"}},
         "nats_server_app_admin_user and nats_server_system_user must differ",
     ),
     "unknown account limit": (

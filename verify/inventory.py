@@ -17,6 +17,7 @@ from ansible.cli import CLI
 from ansible.errors import AnsibleError
 from ansible.inventory.manager import InventoryManager
 from ansible.parsing.dataloader import DataLoader
+from ansible.parsing.vault import VaultSecretsContext
 from ansible.template import Templar, trust_as_template
 from ansible.vars.manager import VariableManager
 
@@ -154,25 +155,34 @@ def _role_defaults() -> dict[str, Any]:
     return dict(_trusted(defaults))
 
 
+def _loader_with_vault() -> DataLoader:
+    """A DataLoader that opens vaulted values with the vault ids Ansible itself is configured with
+    (ANSIBLE_VAULT_IDENTITY_LIST / ANSIBLE_VAULT_PASSWORD_FILE; the Makefile sets the lab's).
+    Read now, not at import: the settings may have been set after Ansible was imported."""
+    loader = DataLoader()
+    vault_ids = constants.config.get_config_value("DEFAULT_VAULT_IDENTITY_LIST") or []
+    password_file = constants.config.get_config_value("DEFAULT_VAULT_PASSWORD_FILE")
+    secrets = CLI.setup_vault_secrets(
+        loader,
+        vault_ids=list(vault_ids),
+        vault_password_files=[password_file] if password_file else [],
+        auto_prompt=False,
+        # ansible-core 2.19 allows the process-wide context to be set once: a second inventory
+        # read in the same process (tests, a caller that loads two) keeps the first one's.
+        initialize_context=False,
+    )
+    loader.set_vault_secrets(secrets)
+    if VaultSecretsContext.current(optional=True) is None:
+        VaultSecretsContext.initialize(VaultSecretsContext(secrets))
+    return loader
+
+
 def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
     """Reads the inventory offline (nothing is contacted) and renders each member's settings."""
     path = Path(inventory).resolve()
     if not path.exists():
         raise FileNotFoundError(f"inventory {path} does not exist")
-    loader = DataLoader()
-    # Vaulted secrets open with the vault ids Ansible itself is configured with
-    # (ANSIBLE_VAULT_IDENTITY_LIST / ANSIBLE_VAULT_PASSWORD_FILE; the Makefile sets the lab's).
-    # Read now, not at import: the settings may have been set after Ansible was imported.
-    vault_ids = constants.config.get_config_value("DEFAULT_VAULT_IDENTITY_LIST") or []
-    password_file = constants.config.get_config_value("DEFAULT_VAULT_PASSWORD_FILE")
-    loader.set_vault_secrets(
-        CLI.setup_vault_secrets(
-            loader,
-            vault_ids=list(vault_ids),
-            vault_password_files=[password_file] if password_file else [],
-            auto_prompt=False,
-        )
-    )
+    loader = _loader_with_vault()
     manager = InventoryManager(loader=loader, sources=[str(path)])
     variables = VariableManager(loader=loader, inventory=manager)
     members = manager.get_groups_dict().get(group)
