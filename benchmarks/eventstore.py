@@ -31,6 +31,7 @@ from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 from tests.clients import cim_contract_binary, client_env, run_json
 from tests.helpers import LAB_INVENTORY, nats_lab, nats_verify, verify_until_green
 from verify import eventstore as es
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster, load_cluster
 
 STREAM = "BENCH_EVENTS"
@@ -138,7 +139,7 @@ async def replay_rates(nc: Client) -> tuple[float, float]:
 
 
 async def eventstore_figures(cluster: Cluster) -> dict[str, float]:
-    nc = await nats.connect(servers=cluster.client_urls, connect_timeout=3, **cluster.login())
+    nc = await connect_tls_or_nothing(servers=cluster.client_urls, connect_timeout=3, **cluster.login())
     js = nc.jetstream(timeout=10)
     try:
         await js.add_stream(

@@ -22,11 +22,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import nats
 from nats.js.api import StorageType, StreamConfig
 
 from tests.helpers import LAB_INVENTORY, NATS_SERVER, OFFLINE_PKI, REPO, load_filter_plugin, run_playbook
 from tests.local_nats import free_port
+from verify.client import connect_tls_or_nothing
 
 CONNECTS = 20
 PUBLISHES = 2000
@@ -71,11 +71,11 @@ async def figures(url: str, login: dict[str, Any]) -> dict[str, float]:
     connects = []
     for _ in range(CONNECTS):
         start = time.perf_counter()
-        nc = await nats.connect(url, connect_timeout=5, **login)
+        nc = await connect_tls_or_nothing(url, connect_timeout=5, **login)
         await nc.jetstream(timeout=5).account_info()
         connects.append(time.perf_counter() - start)
         await nc.close()
-    nc = await nats.connect(url, connect_timeout=5, **login)
+    nc = await connect_tls_or_nothing(url, connect_timeout=5, **login)
     js = nc.jetstream(timeout=5)
     await js.add_stream(StreamConfig(name="BENCH", subjects=["bench.>"], storage=StorageType.FILE))
     latencies = []

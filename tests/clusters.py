@@ -75,6 +75,9 @@ def clusters(draw: st.DrawFn) -> Cluster:
     addresses = [str(ipaddress.IPv4Address(base + i + 1)) for i in range(size)]
     client, cluster_port, monitor = draw(st.lists(ports, min_size=3, max_size=3, unique=True))
     mount = "/mnt/" + draw(st.from_regex(r"\A[a-z][a-z0-9-]{0,15}\Z"))
+    backend = draw(st.sampled_from(["nfs", "local"]))
+    # On local disk every host may use the same path (each its own disk); on the share never.
+    same_dir_everywhere = backend == "local" and draw(st.booleans())
     common = {
         "nats_server_cluster_name": draw(names),
         "nats_server_jetstream_domain": draw(names),
@@ -91,7 +94,10 @@ def clusters(draw: st.DrawFn) -> Cluster:
         "nats_server_lame_duck_duration_seconds": draw(st.integers(30, 300)),
         "nats_server_lame_duck_grace_period_seconds": draw(st.integers(0, 29)),
         "nats_server_user": "nats",
-        "jetstream_storage_backend": "nfs",
+        "nats_server_limit_nofile": draw(st.integers(65536, 1048576)),
+        "nats_server_health_retries": draw(st.integers(1, 600)),
+        "nats_server_health_delay": draw(st.integers(1, 60)),
+        "jetstream_storage_backend": backend,
         "jetstream_storage_mount_path": mount,
         "jetstream_storage_mount_source": "nfs.example:/export",
         "jetstream_storage_mount_options": "rw,hard,noatime",
@@ -119,7 +125,7 @@ def clusters(draw: st.DrawFn) -> Cluster:
     }
     hosts = {}
     for name, address in zip(host_names, addresses, strict=True):
-        node_dir = f"{mount}/{name}"
+        node_dir = f"{mount}/{'jetstream' if same_dir_everywhere else name}"
         hosts[name] = {
             "nats_server_name": name,
             "nats_server_address": address,

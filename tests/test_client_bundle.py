@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, ansible_env, run_playbook
-from tests.test_preflight_playbook import REFUSING_SSH
+from tests.offline import REFUSING_SSH
 from verify.inventory import Cluster, load_cluster
 
 pytestmark = pytest.mark.slow

@@ -1,22 +1,17 @@
 """site.yml refuses malformed inventories in preflight, naming the problem, and touches no host.
 
-Each case is the lab inventory with one thing broken. ssh is replaced by a wrapper that records
-every call before handing over to the real ssh, so "no host touched" is observed, not assumed.
+Each case is the lab inventory with one thing broken, run offline (tests/offline.py: an empty
+network and an ssh that refuses and records), so "no host touched" is observed, not assumed.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
-from tests.helpers import LAB_INVENTORY, ansible_env, run_playbook
-
-NEW_EVENT_STORE = {"name": "INFRASTRUCTURE_EVENTS", "subjects": ["infrastructure.>"], "storage": "file", "replicas": 3}
-OLD_EVENT_STORE = NEW_EVENT_STORE | {"retention": "limits", "max_age": "30d", "max_bytes": "10GB"}
+from tests.offline import assert_one_short_refusal, make_inventory, run_offline_playbook
 
 CASES: dict[str, tuple[dict[str, Any], str]] = {
     # name: ({"host_vars": {...}} / {"group_vars": {...}} / {"drop_hosts": n} / {"add_host": {...}}, expected text)
@@ -32,7 +27,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "shared store dir": (
         {"host_vars": {"nats-3": {"jetstream_storage_node_dir": "/mnt/cimstor-jetstream/nats-1"}}},
-        "is the store directory (servers must never share one) of more than one host",
+        "is the store directory of more than one host on the same storage",
     ),
     "port out of range": (
         {"group_vars": {"nats_server_client_port": 99999}},
@@ -102,33 +97,69 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         {"group_vars": {"nats_server_system_user": "admin"}},
         "nats_server_app_admin_user and nats_server_system_user must differ",
     ),
+    # Paths: what the storage role would chown, mount over or hand to systemd.
+    "store dir up a level": (
+        {"host_vars": {"nats-2": {"jetstream_storage_node_dir": "/mnt/cimstor-jetstream/.."}}},
+        "jetstream_storage_node_dir '/mnt/cimstor-jetstream/..' must be written plainly",
+    ),
+    "another node's dir behind a double slash": (
+        {"host_vars": {"nats-3": {"jetstream_storage_node_dir": "/mnt/cimstor-jetstream//nats-1"}}},
+        "it means '/mnt/cimstor-jetstream/nats-1'",
+    ),
+    "root behind a dot-dot mount": (
+        {"group_vars": {"jetstream_storage_backend": "local", "jetstream_storage_mount_path": "/var/.."}},
+        "jetstream_storage_mount_path '/var/..' must be written plainly",
+    ),
+    "a system directory as the parent": (
+        {"group_vars": {"jetstream_storage_backend": "local", "jetstream_storage_mount_path": "/etc"}},
+        "jetstream_storage_mount_path '/etc' is a system directory",
+    ),
+    "store dir with a space": (
+        {"host_vars": {"nats-1": {"jetstream_storage_node_dir": "/mnt/cimstor-jetstream/nats 1"}}},
+        "must not contain spaces",
+    ),
+    "mount options with a space": (
+        {"group_vars": {"jetstream_storage_mount_options": "rw,hard, soft"}},
+        "jetstream_storage_mount_options 'rw,hard, soft' must be options separated by single commas",
+    ),
+    # Values of the wrong kind or out of range.
+    "no file descriptors": ({"group_vars": {"nats_server_limit_nofile": 0}}, "nats_server_limit_nofile 0 must be"),
+    "negative health retries": (
+        {"group_vars": {"nats_server_health_retries": -1}},
+        "nats_server_health_retries -1 must be a whole number 1-600",
+    ),
+    "negative account limit": (
+        {"group_vars": {"nats_server_app_jetstream_limits": {"max_streams": -5}}},
+        "max_streams -5 must be a positive whole number",
+    ),
+    "a yes/no that is neither": (
+        {"group_vars": {"nats_server_upgrade": "nope"}},
+        "nats-1: nats_server_upgrade 'nope' must be true or false",
+    ),
+    "a choice that is not one": (
+        {"group_vars": {"nats_server_artifact_source": "ftp"}},
+        "nats_server_artifact_source must be one of url, controller (got 'ftp')",
+    ),
+    "password given as a number": (
+        {"group_vars": {"nats_server_system_password": 1234567890123456789}},
+        "nats_server_system_password is a number, not text: quote it",
+    ),
+    "IPv6 address": (
+        {"host_vars": {"nats-2": {"ansible_host": "fd00:231::12"}}},
+        "nats_server_address 'fd00:231::12' is an IPv6 address",
+    ),
+    "host names differing in case": ({"rename_host": ("nats-2", "NATS-1")}, "NATS-1, nats-1 differ only in case"),
+    "cluster group misspelt": (
+        {"group_vars": {"nats_server_cluster_group": "nats_clustr"}},
+        'nats_server_cluster_group "nats_clustr" is not a group of this inventory (its groups: nats_cluster)',
+    ),
+    "a list where a number belongs": (
+        {"group_vars": {"nats_server_client_port": [4222]}},
+        "nats_server_client_port (a list) must be a whole number",
+    ),
     "unknown account limit": (
         {"group_vars": {"nats_server_app_jetstream_limits": {"max_files": "1GB"}}},
         "nats_server_app_jetstream_limits has unknown keys max_files",
-    ),
-    # Today's production declaration: events deleted after 30 days.
-    "stream deletes by age": (
-        {"group_vars": {"jetstream_streams_declared": [OLD_EVENT_STORE]}},
-        "would delete events (max_age",
-    ),
-    "stream deletes the oldest when full": (
-        {"group_vars": {"jetstream_streams_declared": [NEW_EVENT_STORE | {"discard": "old", "max_bytes": "10GB"}]}},
-        "with discard old deletes",
-    ),
-    "stream replicas above the cluster": (
-        {"group_vars": {"jetstream_streams_declared": [NEW_EVENT_STORE | {"replicas": 5}]}},
-        "replicas 5 is more than",
-    ),
-    "streams share subjects": (
-        {
-            "group_vars": {
-                "jetstream_streams_declared": [
-                    NEW_EVENT_STORE,
-                    NEW_EVENT_STORE | {"name": "COMPUTE", "subjects": ["infrastructure.compute.>"]},
-                ]
-            }
-        },
-        "overlap in subjects",
     ),
 }
 # Secrets a case sets: the refusal must name the variable, never show the value.
@@ -140,72 +171,50 @@ SECRET_KEYS = (
     "nats_server_route_password",
 )
 
-SSH_WRAPPER = """#!/bin/sh
-echo "$@" >> {log}
-exec ssh "$@"
-"""
-
-
-def make_inventory(tmp_path: Path, change: dict[str, Any]) -> Path:
-    inventory = tmp_path / "inventory"
-    shutil.copytree(LAB_INVENTORY, inventory, symlinks=False)
-    hosts_file = inventory / "hosts.yml"
-    hosts = yaml.safe_load(hosts_file.read_text())
-    # No lab-is-up guard: these runs must not depend on the lab (and never reach a host).
-    hosts["all"]["vars"].pop("lab_bridge_name")
-    members = hosts["all"]["children"]["nats_cluster"]["hosts"]
-    for _ in range(change.get("drop_hosts", 0)):
-        members.pop(sorted(members)[-1])
-    if "add_host" in change:
-        members["nats-4"] = change["add_host"]
-    hosts_file.write_text(yaml.safe_dump(hosts))
-    for host, values in change.get("host_vars", {}).items():
-        (inventory / "host_vars").mkdir(exist_ok=True)
-        (inventory / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(values))
-    if "group_vars" in change:
-        (inventory / "group_vars" / "nats_cluster" / "zz_broken.yml").write_text(yaml.safe_dump(change["group_vars"]))
-    return inventory
-
-
-def recording_ssh(tmp_path: Path) -> tuple[dict[str, str], Path]:
-    log = tmp_path / "ssh-calls.log"
-    log.touch()
-    wrapper = tmp_path / "ssh-recorder"
-    wrapper.write_text(SSH_WRAPPER.format(log=log))
-    wrapper.chmod(0o755)
-    return ansible_env(ANSIBLE_SSH_EXECUTABLE=str(wrapper)), log
-
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_site_refuses_broken_inventory_before_touching_hosts(case: str, tmp_path: Path) -> None:
     change, expected = CASES[case]
-    inventory = make_inventory(tmp_path, change)
-    env, ssh_log = recording_ssh(tmp_path)
-    result = run_playbook("site.yml", inventory, env=env, timeout=120)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0, output
+    run = run_offline_playbook("site.yml", make_inventory(tmp_path, change), tmp_path=tmp_path)
+    output = run.output
+    assert run.result.returncode != 0, output
     assert expected in output, output
     assert "Preflight |" in output
     assert "Deploy |" not in output, "a deploy play started after a failed preflight"
-    assert ssh_log.read_text() == "", "preflight connected to a host"
+    assert run.ssh_calls == [], "preflight connected to a host"
+    assert_one_short_refusal(output)
     for key, value in change.get("group_vars", {}).items():
         if key in SECRET_KEYS and value:
-            assert value not in output, f"{key}'s value shows in the output"
+            assert str(value) not in output, f"{key}'s value shows in the output"
 
 
 def test_the_unbroken_copy_passes_preflight(tmp_path: Path) -> None:
     """Control: the copied lab inventory itself is accepted, so each failure above is its own."""
-    inventory = make_inventory(tmp_path, {})
-    env, ssh_log = recording_ssh(tmp_path)
-    result = run_playbook("preflight.yml", inventory, env=env, timeout=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert ssh_log.read_text() == ""
+    run = run_offline_playbook("preflight.yml", make_inventory(tmp_path, {}), tmp_path=tmp_path)
+    assert run.result.returncode == 0, run.output
+    assert run.ssh_calls == []
 
 
-REFUSING_SSH = """#!/bin/sh
-echo "$@" >> {log}
-exit 255
-"""
+# Valid inventories that look unusual: preflight must accept them.
+ACCEPTED: dict[str, dict[str, Any]] = {
+    # Each host's own disk: one path on every host is three directories.
+    "local disks, one path everywhere": {
+        "group_vars": {
+            "jetstream_storage_backend": "local",
+            "jetstream_storage_mount_path": "/srv/nats",
+            "jetstream_storage_node_dir": "/srv/nats/jetstream",
+        }
+    },
+    "a host name in capitals": {"rename_host": ("nats-2", "NATS-2")},
+    "a password with every byte bcrypt reads": {"group_vars": {"nats_server_system_password": "é" * 36}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(ACCEPTED))
+def test_a_valid_unusual_inventory_passes_preflight(case: str, tmp_path: Path) -> None:
+    run = run_offline_playbook("preflight.yml", make_inventory(tmp_path, ACCEPTED[case]), tmp_path=tmp_path)
+    assert run.result.returncode == 0, run.output[-3000:]
+    assert run.ssh_calls == []
 
 
 @pytest.mark.parametrize(
@@ -219,17 +228,10 @@ exit 255
     ],
 )
 def test_a_play_limited_to_part_of_the_cluster_is_refused_before_touching_hosts(playbook: str, tmp_path: Path) -> None:
-    """Their health and quorum checks ask every member, so --limit is refused up front. ssh is a
-    recorder that connects nowhere, so even a failing guard sends nothing."""
+    """Their health and quorum checks ask every member, so --limit is refused up front."""
     inventory = make_inventory(tmp_path, {})
-    log = tmp_path / "ssh-calls.log"
-    log.touch()
-    wrapper = tmp_path / "ssh-refuser"
-    wrapper.write_text(REFUSING_SSH.format(log=log))
-    wrapper.chmod(0o755)
-    env = ansible_env(ANSIBLE_SSH_EXECUTABLE=str(wrapper))
-    result = run_playbook(playbook, inventory, "--limit", "nats-2", env=env, timeout=120)
-    output = " ".join((result.stdout + result.stderr).split())
-    assert result.returncode != 0, output[-2000:]
+    run = run_offline_playbook(playbook, inventory, "--limit", "nats-2", tmp_path=tmp_path)
+    output = " ".join(run.output.split())
+    assert run.result.returncode != 0, output[-2000:]
     assert "run it without --limit (left out: nats-1, nats-3)" in output, output[-2000:]
-    assert log.read_text() == "", "a limited play connected to a host"
+    assert run.ssh_calls == [], "a limited play connected to a host"

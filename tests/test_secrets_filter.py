@@ -41,10 +41,26 @@ def bcrypt_matches(password: str, hashed: str) -> bool:
 
 def test_summary_tells_nothing_of_the_secret() -> None:
     summary = secrets.nats_secret_summary("abc-DEF_123.x~y")
-    assert summary == {"set": True, "length": 15, "bytes": 15, "url_safe": True}
+    assert summary == {"set": True, "kind": "text", "length": 15, "bytes": 15, "url_safe": True}
     assert secrets.nats_secret_summary("has/slash")["url_safe"] is False
     assert secrets.nats_secret_summary("é" * 40)["bytes"] == 80
-    assert secrets.nats_secret_summary(None) == {"set": False, "length": 0, "bytes": 0, "url_safe": False}
+    assert secrets.nats_secret_summary(None) == {
+        "set": False,
+        "kind": "text",
+        "length": 0,
+        "bytes": 0,
+        "url_safe": False,
+    }
+    # A YAML number where a password belongs is told apart from a missing one (never its value).
+    assert secrets.nats_secret_summary(1234567890123456) == {
+        "set": False,
+        "kind": "number",
+        "length": 0,
+        "bytes": 0,
+        "url_safe": False,
+    }
+    assert secrets.nats_secret_summary(True)["kind"] == "true/false value"
+    assert secrets.nats_secret_summary(["a"])["kind"] == "list or mapping"
 
 
 def test_an_application_gets_its_streams_and_no_destructive_subject() -> None:

@@ -19,6 +19,7 @@ from nats.aio.client import Client
 from nats.js.api import StorageType, StreamConfig
 from nats.js.client import JetStreamContext
 
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster
 
 # Errors worth retrying while a node restarts or a leader moves: timeouts, no responders / no
@@ -37,8 +38,9 @@ class PublishTally:
 
 
 async def connect(cluster: Cluster, name: str) -> Client:
-    """A client that keeps reconnecting (it rides through restarts), as the application user."""
-    return await nats.connect(
+    """A client that keeps reconnecting (it rides through restarts), as the application user; TLS
+    or nothing, and a cluster where no server offers TLS is refused at once, not retried forever."""
+    return await connect_tls_or_nothing(
         servers=cluster.client_urls,
         name=name,
         connect_timeout=2,

@@ -4,19 +4,10 @@ checkout."""
 
 from __future__ import annotations
 
-import importlib.util
-from functools import cache
 from types import ModuleType
 
-from verify.inventory import REPO
+from verify.shared_code import module_util
 
 
-@cache
 def stream_spec() -> ModuleType:
-    path = REPO / "plugins" / "module_utils" / "jetstream_stream_spec.py"
-    spec = importlib.util.spec_from_file_location("jetstream_stream_spec", path)
-    if spec is None or spec.loader is None:
-        raise ImportError(f"cannot load {path}")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return module_util("jetstream_stream_spec")

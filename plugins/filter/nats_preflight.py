@@ -40,21 +40,21 @@ MINIMUM_PASSWORD_LENGTH = 16
 BCRYPT_MAXIMUM_BYTES = 72
 ACCOUNT_LIMIT_KEYS = {"max_memory", "max_file", "max_streams", "max_consumers"}
 # Addresses a peer cannot dial; fine for listeners, not for the node's own address.
-UNROUTABLE = {"0.0.0.0", "::"}
+UNROUTABLE = {"0.0.0.0"}
 
 
-def _is_address(value: str) -> bool:
+def _address_problem(value: str) -> str | None:
+    """Why `value` cannot be a node's address or listen host, or None."""
     if re.fullmatch(r"[0-9.]+", value):
         try:
             ipaddress.IPv4Address(value)
         except ValueError:
-            return False
-        return True
-    try:
-        ipaddress.ip_address(value)
-    except ValueError:
-        return bool(HOSTNAME_RE.match(value))
-    return True
+            return "is not a valid IP address or host name"
+        return None
+    if ":" in value:
+        # Routes, certificates and verify's URLs are written for IPv4 and names (no [brackets]).
+        return "is an IPv6 address: use an IPv4 address or a host name (IPv6 is not supported yet)"
+    return None if HOSTNAME_RE.match(value) else "is not a valid IP address or host name"
 
 
 def _as_int(value: Any) -> int | None:
@@ -62,7 +62,7 @@ def _as_int(value: Any) -> int | None:
         return None
     if isinstance(value, int):
         return value
-    if isinstance(value, str) and re.fullmatch(r"[0-9]+", value.strip()):
+    if isinstance(value, str) and re.fullmatch(r"-?[0-9]+", value.strip()):
         return int(value)
     return None
 
@@ -81,6 +81,7 @@ def node_problems(node: Mapping[str, Any]) -> list[str]:
         _check_names,
         _check_release,
         _check_lame_duck,
+        _check_service,
         _check_storage,
         _check_tls,
         _check_logins,
@@ -114,8 +115,9 @@ def _check_ports(node: Mapping[str, Any], bad: Report) -> None:
 def _check_addresses(node: Mapping[str, Any], bad: Report) -> None:
     for variable in ADDRESS_VARIABLES:
         value = str(node.get(variable, ""))
-        if not _is_address(value):
-            bad(f"{variable} {value!r} is not a valid IP address or host name")
+        problem = _address_problem(value)
+        if problem:
+            bad(f"{variable} {value!r} {problem}")
     if str(node.get("nats_server_address")) in UNROUTABLE:
         bad("nats_server_address must be an address peers can reach, not a wildcard")
 
@@ -143,6 +145,30 @@ def _check_release(node: Mapping[str, Any], bad: Report) -> None:
         bad("nats_server_controller_release_dir is required with nats_server_artifact_source=controller")
 
 
+# Whole-number settings with the range that makes sense for each: (least, most, why).
+SERVICE_RANGES = {
+    # JetStream holds two descriptors per stream, one per connection; the kernel's nr_open caps it.
+    "nats_server_limit_nofile": (65536, 1048576, "file descriptors for the server (systemd LimitNOFILE)"),
+    "nats_server_health_retries": (1, 600, "/healthz polls after a start or reload"),
+    "nats_server_health_delay": (1, 60, "seconds between two /healthz polls"),
+}
+# -1 turns route pooling off (measured: pooled routes cost the CIM first-fetch 503s).
+POOL_SIZES = range(-1, 33)
+
+
+def _check_service(node: Mapping[str, Any], bad: Report) -> None:
+    for variable, (least, most, what) in SERVICE_RANGES.items():
+        value = _as_int(node.get(variable))
+        if value is None or not least <= value <= most:
+            bad(f"{variable} {node.get(variable)!r} must be a whole number {least}-{most} ({what})")
+    pool = _as_int(node.get("nats_server_cluster_pool_size"))
+    if pool is None or pool not in POOL_SIZES:
+        bad(
+            f"nats_server_cluster_pool_size {node.get('nats_server_cluster_pool_size')!r} must be -1 "
+            "(one route per pair, the default) or 0-32"
+        )
+
+
 def _check_lame_duck(node: Mapping[str, Any], bad: Report) -> None:
     duration = _as_int(node.get("nats_server_lame_duck_duration_seconds"))
     grace = _as_int(node.get("nats_server_lame_duck_grace_period_seconds"))
@@ -152,13 +178,70 @@ def _check_lame_duck(node: Mapping[str, Any], bad: Report) -> None:
         bad("nats_server_lame_duck_grace_period_seconds must be shorter than the duration")
 
 
+# Directories the storage role must never chown to the server's account or mount over.
+SYSTEM_DIRECTORIES = frozenset(
+    {
+        "/",
+        "/bin",
+        "/boot",
+        "/dev",
+        "/etc",
+        "/home",
+        "/lib",
+        "/lib64",
+        "/media",
+        "/mnt",
+        "/opt",
+        "/proc",
+        "/root",
+        "/run",
+        "/sbin",
+        "/srv",
+        "/sys",
+        "/tmp",
+        "/usr",
+        "/usr/bin",
+        "/usr/lib",
+        "/usr/local",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+        "/usr/sbin",
+        "/var",
+        "/var/cache",
+        "/var/lib",
+        "/var/log",
+        "/var/run",
+        "/var/tmp",
+    }
+)
+
+
+def path_problem(path: str) -> str | None:
+    """Why `path` cannot be a storage directory, or None. Paths are taken only as written: a
+    path that normalises to something else (`..`, `//`, `/.`, a trailing slash) is refused, not
+    rewritten, so what the role chowns is exactly what the inventory says."""
+    if not path.startswith("/"):
+        return "must be an absolute path"
+    if any(c.isspace() for c in path) or any(ord(c) < 32 for c in path):
+        return "must not contain spaces or control characters (systemd's unit paths split on them)"
+    if path != posixpath.normpath(path) or path.startswith("//"):
+        return f"must be written plainly (no '..', '.', '//' or trailing '/'): it means {posixpath.normpath(path)!r}"
+    if path in SYSTEM_DIRECTORIES:
+        return "is a system directory: the storage role would take it over"
+    return None
+
+
 def _check_storage(node: Mapping[str, Any], bad: Report) -> None:
     store_dir = str(node.get("nats_server_jetstream_store_dir", ""))
     mount_path = str(node.get("jetstream_storage_mount_path", ""))
     node_dir = str(node.get("jetstream_storage_node_dir", ""))
-    if not mount_path.startswith("/") or mount_path != posixpath.normpath(mount_path) or mount_path == "/":
-        bad(f"jetstream_storage_mount_path {mount_path!r} must be an absolute path, not / and without a trailing slash")
-    elif posixpath.dirname(node_dir) != mount_path:
+    paths_ok = True
+    for variable, path in (("jetstream_storage_mount_path", mount_path), ("jetstream_storage_node_dir", node_dir)):
+        problem = path_problem(path)
+        if problem:
+            bad(f"{variable} {path!r} {problem}")
+            paths_ok = False
+    if paths_ok and posixpath.dirname(node_dir) != mount_path:
         bad(
             f"jetstream_storage_node_dir {node_dir!r} must be a directory directly inside "
             f"jetstream_storage_mount_path {mount_path!r}"
@@ -172,14 +255,24 @@ def _check_storage(node: Mapping[str, Any], bad: Report) -> None:
     if node.get("jetstream_storage_owner") != node.get("nats_server_user"):
         bad("jetstream_storage_owner and nats_server_user must name the same account")
     if node.get("jetstream_storage_backend") == "nfs":
-        if not node.get("jetstream_storage_mount_source"):
-            bad("jetstream_storage_mount_source is required with jetstream_storage_backend=nfs")
-        options = str(node.get("jetstream_storage_mount_options", "")).split(",")
-        if "hard" not in options or "soft" in options:
-            bad(
-                "jetstream_storage_mount_options must include 'hard' and not 'soft' "
-                "(a soft mount turns NFS timeouts into JetStream write errors)"
-            )
+        _check_nfs_mount(node, bad)
+
+
+def _check_nfs_mount(node: Mapping[str, Any], bad: Report) -> None:
+    source = str(node.get("jetstream_storage_mount_source") or "")
+    if not source:
+        bad("jetstream_storage_mount_source is required with jetstream_storage_backend=nfs")
+    elif not re.fullmatch(r"[^\s:]+:/\S*", source):
+        bad(f"jetstream_storage_mount_source {source!r} must be server:/export without spaces")
+    written = str(node.get("jetstream_storage_mount_options", ""))
+    options = written.split(",")
+    if any(not option or option != option.strip() or any(c.isspace() for c in option) for option in options):
+        bad(f"jetstream_storage_mount_options {written!r} must be options separated by single commas, no spaces")
+    elif "hard" not in options or "soft" in options:
+        bad(
+            "jetstream_storage_mount_options must include 'hard' and not 'soft' "
+            "(a soft mount turns NFS timeouts into JetStream write errors)"
+        )
 
 
 def _check_tls(node: Mapping[str, Any], bad: Report) -> None:
@@ -205,18 +298,19 @@ def _check_tls(node: Mapping[str, Any], bad: Report) -> None:
 def _check_logins(node: Mapping[str, Any], bad: Report) -> None:
     secrets = node.get("secrets") or {}
     for variable in PASSWORD_VARIABLES:
-        summary = secrets.get(variable) or {}
-        if not summary.get("set"):
-            bad(f"{variable} is not set: keep it in the inventory's vault.yml (docs/security.md)")
-        else:
-            _check_password_length(variable, summary, bad)
+        _check_password(variable, secrets.get(variable) or {}, bad)
     route = secrets.get("nats_server_route_password") or {}
     if route.get("set") and not route.get("url_safe"):
         bad("nats_server_route_password may only use letters, digits, '.', '_', '~' and '-' (it is part of a URL)")
 
 
-def _check_password_length(variable: str, summary: Mapping[str, Any], bad: Report) -> None:
-    if not MINIMUM_PASSWORD_LENGTH <= summary.get("length", 0) <= BCRYPT_MAXIMUM_BYTES:
+def _check_password(variable: str, summary: Mapping[str, Any], bad: Report) -> None:
+    """`summary` is nats_secret_summary's (the preflight never sees a password)."""
+    if summary.get("kind", "text") != "text":
+        bad(f"{variable} is a {summary['kind']}, not text: quote it in vault.yml")
+    elif not summary.get("set"):
+        bad(f"{variable} is not set: keep it in the inventory's vault.yml (docs/security.md)")
+    elif not MINIMUM_PASSWORD_LENGTH <= summary.get("length", 0) <= BCRYPT_MAXIMUM_BYTES:
         bad(f"{variable} must be {MINIMUM_PASSWORD_LENGTH}-{BCRYPT_MAXIMUM_BYTES} characters long")
     elif summary.get("bytes", 0) > BCRYPT_MAXIMUM_BYTES:
         bad(f"{variable} is {summary['bytes']} bytes in UTF-8; bcrypt reads only the first {BCRYPT_MAXIMUM_BYTES}")
@@ -243,11 +337,7 @@ def _check_clients(node: Mapping[str, Any], bad: Report) -> None:
         elif name in taken:
             bad(f"{label}: the user {name!r} is taken (the administrator, the system user or another application)")
         taken.add(name)
-        summary = client.get("password") or {}
-        if not summary.get("set"):
-            bad(f"{label}: password is not set: keep it in the inventory's vault.yml (docs/security.md)")
-        else:
-            _check_password_length(f"{label} password", summary, bad)
+        _check_password(f"{label}: password", client.get("password") or {}, bad)
         for key in ("streams", "publish"):
             values = client.get(key, [])
             if not isinstance(values, list) or not all(isinstance(v, str) and v and " " not in v for v in values):
@@ -294,17 +384,32 @@ def _check_accounts(node: Mapping[str, Any], bad: Report) -> None:
         if key in limits and not SIZE_RE.match(str(limits[key])):
             bad(f"nats_server_app_jetstream_limits.{key} {limits[key]!r} is not a size like 4GB")
     for key in ("max_streams", "max_consumers"):
-        if key in limits and (_as_int(limits[key]) is None or _as_int(limits[key]) == 0):
+        if key in limits and (_as_int(limits[key]) or 0) < 1:
             bad(f"nats_server_app_jetstream_limits.{key} {limits[key]!r} must be a positive whole number")
 
 
-def _duplicates(nodes: Sequence[Mapping[str, Any]], variable: str) -> dict[str, list[str]]:
-    counts = Counter(str(n.get(variable)) for n in nodes)
+def _duplicates(nodes: Sequence[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], str]) -> dict[str, list[str]]:
+    """Values of `key` that more than one node has, with those nodes' hosts."""
+    counts = Counter(key(n) for n in nodes)
     return {
-        value: sorted(str(n.get("host")) for n in nodes if str(n.get(variable)) == value)
+        value: sorted(str(n.get("host")) for n in nodes if key(n) == value)
         for value, count in counts.items()
         if count > 1
     }
+
+
+def _lowered(variable: str) -> Callable[[Mapping[str, Any]], str]:
+    def value(node: Mapping[str, Any]) -> str:
+        return str(node.get(variable)).lower()
+
+    return value
+
+
+def _shared_store(node: Mapping[str, Any]) -> str:
+    """Where a node's store lives as far as other nodes can see it: on NFS the export and the
+    path; on local disk its own host (the same path on two hosts is two disks)."""
+    where = node.get("jetstream_storage_mount_source") if node.get("jetstream_storage_backend") == "nfs" else None
+    return f"{where or node.get('host')}\0{node.get('nats_server_jetstream_store_dir')}"
 
 
 def cluster_problems(nodes: Sequence[Mapping[str, Any] | None], group: str, members: Sequence[str]) -> list[str]:
@@ -315,14 +420,18 @@ def cluster_problems(nodes: Sequence[Mapping[str, Any] | None], group: str, memb
         problems.append(f"group {group} has {size} host(s); a JetStream cluster needs at least 3")
     elif size % 2 == 0:
         problems.append(f"group {group} has {size} hosts; use an odd count so a partition cannot split the vote")
+    for hosts in _duplicates([{"host": m} for m in members], lambda n: str(n["host"]).lower()).values():
+        problems.append(f"hosts {', '.join(hosts)} differ only in case: DNS and certificates read them as one name")
     known = [n for n in nodes if n is not None]
-    for variable, what in (
-        ("nats_server_name", "server name"),
-        ("nats_server_address", "address"),
-        ("nats_server_jetstream_store_dir", "store directory (servers must never share one)"),
-    ):
-        for value, hosts in _duplicates(known, variable).items():
+    # Names and addresses compare as DNS does, ignoring case.
+    for variable, what in (("nats_server_name", "server name"), ("nats_server_address", "address")):
+        for value, hosts in _duplicates(known, _lowered(variable)).items():
             problems.append(f"{variable} {value!r} is the {what} of more than one host: {', '.join(hosts)}")
+    for value, hosts in _duplicates(known, _shared_store).items():
+        problems.append(
+            f"nats_server_jetstream_store_dir {value.split(chr(0))[1]!r} is the store directory of more than one "
+            f"host on the same storage (servers must never share one): {', '.join(hosts)}"
+        )
     for variable in ("nats_server_cluster_name", "nats_server_jetstream_domain", "nats_server_version"):
         values = sorted({str(n.get(variable)) for n in known})
         if len(values) > 1:
@@ -332,8 +441,34 @@ def cluster_problems(nodes: Sequence[Mapping[str, Any] | None], group: str, memb
     return problems
 
 
+ARGUMENT_TYPE_ERROR = re.compile(
+    r"argument '(?P<variable>[^']+)' is of type (?P<given>\w+).*? convert to (?P<wanted>\w+)"
+    r"(: The value (?P<value>'[^']*'))?"
+)
+ARGUMENT_CHOICE_ERROR = re.compile(r"value of (?P<variable>\S+) must be one of: (?P<choices>.*), got: (?P<value>.*)")
+TYPE_NAMES = {"bool": "true or false", "int": "a whole number", "str": "text", "list": "a list", "dict": "a mapping"}
+
+
+def argument_problems(errors: Sequence[str]) -> list[str]:
+    """validate_argument_spec's errors as one short clause each, naming the variable."""
+    problems = []
+    for error in errors:
+        wrong_type, wrong_choice = ARGUMENT_TYPE_ERROR.search(error), ARGUMENT_CHOICE_ERROR.search(error)
+        if wrong_type:
+            wanted = TYPE_NAMES.get(wrong_type["wanted"], wrong_type["wanted"])
+            given = wrong_type["value"] or f"(a {wrong_type['given']})"
+            problems.append(f"{wrong_type['variable']} {given} must be {wanted}")
+        elif wrong_choice:
+            problems.append(
+                f"{wrong_choice['variable']} must be one of {wrong_choice['choices']} (got {wrong_choice['value']!r})"
+            )
+        else:
+            problems.append(error)
+    return problems
+
+
 class FilterModule:
     """Ansible entry point."""
 
     def filters(self) -> dict[str, Any]:
-        return {"nats_cluster_problems": cluster_problems}
+        return {"nats_cluster_problems": cluster_problems, "nats_argument_problems": argument_problems}

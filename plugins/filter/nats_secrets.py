@@ -56,10 +56,21 @@ def nats_bcrypt(password: Any, salt_seed: str, cost: int = DEFAULT_COST) -> str:
 
 def nats_secret_summary(secret: Any) -> dict[str, Any]:
     """What the preflight may know about a secret: whether it is set, its length, its alphabet."""
-    if secret is None or not isinstance(secret, str) or secret == "":
-        return {"set": False, "length": 0, "bytes": 0, "url_safe": False}
+    if secret is not None and not isinstance(secret, str):
+        # A YAML number or list where a password belongs: say so rather than "not set".
+        kind = (
+            "true/false value"
+            if isinstance(secret, bool)
+            else "number"
+            if isinstance(secret, int | float)
+            else "list or mapping"
+        )
+        return {"set": False, "kind": kind, "length": 0, "bytes": 0, "url_safe": False}
+    if not secret:
+        return {"set": False, "kind": "text", "length": 0, "bytes": 0, "url_safe": False}
     return {
         "set": True,
+        "kind": "text",
         "length": len(secret),
         # bcrypt reads at most 72 bytes: a password of 40 "é" is 80.
         "bytes": len(secret.encode()),

@@ -9,10 +9,10 @@ import re
 import uuid
 from typing import Any
 
-import nats
 import pytest
 
 from tests.helpers import LAB_INVENTORY, delete_stream, run_playbook
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster
 from verify.streams import stream_spec
 
@@ -27,7 +27,7 @@ def declared(cluster: Cluster) -> dict[str, Any]:
 
 def info(cluster: Cluster) -> Any:
     async def read() -> Any:
-        nc = await nats.connect(cluster.client_urls, connect_timeout=3, **cluster.login())
+        nc = await connect_tls_or_nothing(cluster.client_urls, connect_timeout=3, **cluster.login())
         try:
             return await nc.jetstream(timeout=5).stream_info(STREAM)
         finally:
@@ -38,7 +38,7 @@ def info(cluster: Cluster) -> Any:
 
 def publish_events(cluster: Cluster, count: int) -> None:
     async def send() -> None:
-        nc = await nats.connect(cluster.client_urls, connect_timeout=3, **cluster.login())
+        nc = await connect_tls_or_nothing(cluster.client_urls, connect_timeout=3, **cluster.login())
         js = nc.jetstream(timeout=5)
         aggregate = uuid.uuid4()
         for n in range(count):
@@ -131,7 +131,7 @@ def test_todays_stream_migrates_to_keeping_every_event(deployed_lab: Cluster) ->
     delete_stream(deployed_lab, STREAM)
 
     async def create_todays() -> list[tuple[int, str, bytes]]:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         js = nc.jetstream(timeout=10)
         # A stream just deleted frees its storage reservation on the peers a moment later (10005).
         for _ in range(40):
@@ -150,7 +150,7 @@ def test_todays_stream_migrates_to_keeping_every_event(deployed_lab: Cluster) ->
         return events
 
     async def stored(seqs: list[int]) -> list[tuple[int, str, bytes]]:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         js = nc.jetstream(timeout=10)
         found = []
         for seq in seqs:

@@ -18,6 +18,7 @@ import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from tests.helpers import LAB_INVENTORY, delete_stream, failed_checks, nats_verify, on, run_playbook, wait_healthy
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster, Node
 
 pytestmark = pytest.mark.lab
@@ -112,7 +113,7 @@ def test_a_plaintext_cluster_is_switched_only_when_asked_and_keeps_its_streams(
     assert all(plain_health(n) != 200 for n in cluster.nodes), "a monitor still answers plain http"
 
     async def carried_over() -> tuple[int, int, int]:
-        nc = await nats.connect(cluster.client_urls, connect_timeout=3, **cluster.login())
+        nc = await connect_tls_or_nothing(cluster.client_urls, connect_timeout=3, **cluster.login())
         info = await nc.jetstream(timeout=10).stream_info(STREAM)
         await nc.close()
         return info.state.messages, info.state.first_seq, info.state.last_seq

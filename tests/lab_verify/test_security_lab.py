@@ -27,6 +27,7 @@ from tests.helpers import (
     wait_healthy,
 )
 from verify import monitor
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster
 
 pytestmark = pytest.mark.lab
@@ -54,7 +55,7 @@ def test_the_system_user_sees_every_server_and_the_app_user_does_not(deployed_la
     """Accounts separate: the application user's ping to $SYS reaches no server."""
 
     async def ping(login: dict[str, object]) -> set[str]:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **login)
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **login)
         names: set[str] = set()
 
         async def collect(message: Msg) -> None:
@@ -85,7 +86,7 @@ def test_the_cim_user_cannot_destroy_the_event_store(deployed_lab: Cluster) -> N
             violations.append(str(error))
 
         cim = deployed_lab.login(deployed_lab.clients["cim"])
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, error_cb=note, **cim)
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, error_cb=note, **cim)
         js = nc.jetstream(timeout=3)
         seqs = [(await js.publish(f"infrastructure.compute.{n}.created", b"{}")).seq for n in range(5)]
         for subject, body in (
@@ -96,7 +97,7 @@ def test_the_cim_user_cannot_destroy_the_event_store(deployed_lab: Cluster) -> N
             with pytest.raises(nats.errors.TimeoutError):
                 await nc.request(subject, body, timeout=1)
         await nc.close()
-        admin = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        admin = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         info = await admin.jetstream(timeout=3).stream_info(stream)
         first = (await admin.jetstream(timeout=3).get_msg(stream, seqs[0])).seq or 0
         await admin.close()
@@ -114,7 +115,7 @@ def test_a_client_trusting_another_ca_is_refused_by_its_own_check(deployed_lab: 
 
     async def attempt() -> str:
         try:
-            nc = await nats.connect(
+            nc = await connect_tls_or_nothing(
                 deployed_lab.client_urls,
                 connect_timeout=3,
                 allow_reconnect=False,
@@ -141,7 +142,7 @@ def test_a_client_given_one_address_fails_over_to_the_members_it_learns(deployed
         async def on_reconnect() -> None:
             reconnected.set()
 
-        nc = await nats.connect(
+        nc = await connect_tls_or_nothing(
             [known.client_url],
             connect_timeout=3,
             reconnect_time_wait=0.5,

@@ -8,12 +8,12 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js.api import StorageType, StreamConfig
 
 from tests.helpers import failed_checks, nats_lab, nats_verify, verify_until_green, wait_healthy
 from verify import monitor
+from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster
 
 pytestmark = pytest.mark.lab
@@ -83,14 +83,14 @@ def r3_stream(deployed_lab: Cluster) -> Iterator[str]:
     name = "LAB_VERIFY_R3"
 
     async def create() -> None:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         js = nc.jetstream(timeout=5)
         await js.add_stream(StreamConfig(name=name, subjects=["labverify.>"], storage=StorageType.FILE, num_replicas=3))
         await js.publish("labverify.x", b"1")
         await nc.close()
 
     async def remove() -> None:
-        nc = await nats.connect(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
         await nc.jetstream(timeout=5).delete_stream(name)
         await nc.close()
 
