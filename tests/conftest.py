@@ -9,11 +9,17 @@ from pathlib import Path
 
 import pytest
 
+from tests import network_guard
 from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, issue_certificates, nats_lab, run_playbook
 from verify.inventory import Cluster, load_cluster
 
 LAB_WAS_UP = pytest.StashKey[bool]()
 LAB_USED = pytest.StashKey[bool]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Before any test module is imported: nothing in this process reaches past loopback and the lab.
+    network_guard.install()
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:

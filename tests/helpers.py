@@ -96,6 +96,18 @@ def ansible_env(**extra: str) -> dict[str, str]:
     return env
 
 
+# A network namespace of its own with only loopback up (it starts down), then the command.
+EMPTY_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "offline"]
+
+
+def reaches_hosts(inventory: Path | str) -> bool:
+    """Only the lab inventory may reach hosts. Any other inventory directory (phx, a test's copy)
+    runs in an empty network: no route to 10.0.20.x can exist for it. An inline list like
+    "localhost," stays on this machine's loopback (the local test servers)."""
+    path = Path(inventory)
+    return not path.exists() or path.resolve() == LAB_INVENTORY.resolve()
+
+
 def run_playbook(
     playbook: str,
     inventory: Path | str,
@@ -106,8 +118,9 @@ def run_playbook(
 ) -> subprocess.CompletedProcess[str]:
     """Runs ansible-playbook from the repo; with json_output the stdout is the json callback's."""
     extra = {"ANSIBLE_STDOUT_CALLBACK": "ansible.posix.json"} if json_output else {}
+    network = [] if reaches_hosts(inventory) else EMPTY_NETWORK
     return subprocess.run(
-        [str(BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / playbook), *args],
+        [*network, str(BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / playbook), *args],
         cwd=REPO,
         env=(env or ansible_env()) | extra,
         capture_output=True,

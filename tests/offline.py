@@ -17,15 +17,13 @@ from typing import Any
 
 import yaml
 
-from tests.helpers import BIN, LAB_INVENTORY, REPO, ansible_env
+from tests.helpers import BIN, EMPTY_NETWORK, LAB_INVENTORY, REPO, ansible_env
 
 REFUSING_SSH = """#!/bin/sh
 echo "$@" >> {log}
 echo "offline test: ssh refused ($*)" >&2
 exit 255
 """
-# Brings loopback up in the new namespace (it starts down), then runs the command.
-EMPTY_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "offline"]
 
 
 @dataclass(frozen=True)
