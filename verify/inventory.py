@@ -6,7 +6,12 @@ the roles' defaults (Ansible's own precedence: role defaults lowest), templated 
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
 import ssl
+import sys
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +20,7 @@ import yaml
 from ansible import constants
 from ansible.cli import CLI
 from ansible.errors import AnsibleError
-from ansible.inventory.manager import InventoryManager
+from ansible.inventory.manager import IGNORED, InventoryManager
 from ansible.parsing.dataloader import DataLoader
 from ansible.parsing.vault import VaultSecretsContext
 from ansible.template import Templar, trust_as_template
@@ -31,6 +36,10 @@ PASSWORD_VARIABLES = ("nats_server_app_admin_password", "nats_server_system_pass
 CLIENTS_VARIABLE = "nats_server_app_clients"
 SECRET_VARIABLES = (*PASSWORD_VARIABLES, "nats_server_tls_key_content", CLIENTS_VARIABLE)
 CLUSTER_GROUP = "nats_cluster"
+# Ansible reads group_vars/host_vars beside the inventory it is given, never in its sub-directories.
+VARS_DIRECTORIES = ("group_vars", "host_vars")
+# Beyond this many directories a path is a tree, not an inventory (`-i /` would walk the disk).
+MOST_DIRECTORIES = 500
 # How verify reaches a host over SSH: the same variables the deploy used.
 CONNECTION_VARIABLES = (
     "ansible_user",
@@ -70,7 +79,7 @@ class Node:
         host = str(self.settings["nats_server_monitor_host"]).replace("0.0.0.0", self.address)
         return f"https://{host}:{self.settings['nats_server_monitor_port']}"
 
-    def testinfra_spec(self) -> tuple[str, dict[str, Any]]:
+    def testinfra_spec(self, connect_timeout: int = 3) -> tuple[str, dict[str, Any]]:
         """(host spec, options) for testinfra.get_host, over the inventory's SSH settings."""
         user = self.connection.get("ansible_user")
         port = self.connection.get("ansible_port")
@@ -78,7 +87,10 @@ class Node:
         options: dict[str, Any] = {
             "sudo": bool(self.connection.get("ansible_become")),
             "ssh_extra_args": " ".join(
-                [str(self.connection.get("ansible_ssh_common_args", "")), "-o ConnectTimeout=3 -o BatchMode=yes"]
+                [
+                    str(self.connection.get("ansible_ssh_common_args", "")),
+                    f"-o ConnectTimeout={connect_timeout} -o BatchMode=yes",
+                ]
             ).strip(),
             # One SSH connection per host for the whole run (testinfra needs the path to share it).
             "controlpersist": 10,
@@ -177,17 +189,112 @@ def _loader_with_vault() -> DataLoader:
     return loader
 
 
-def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
-    """Reads the inventory offline (nothing is contacted) and renders each member's settings."""
-    path = Path(inventory).resolve()
+class InventoryRefused(ValueError):
+    """An inventory verify will not aim at; the message names the path and the problem."""
+
+
+def _subdirectories(path: Path) -> list[Path]:
+    """The directories under `path` that Ansible descends into when given `path`."""
+    found: list[Path] = []
+    for parent, names, _ in os.walk(path):
+        names[:] = sorted(n for n in names if not IGNORED.search(n.encode()))
+        found += [Path(parent, n) for n in names]
+        if len(found) > MOST_DIRECTORIES:
+            raise InventoryRefused(f"inventory {path}: more than {MOST_DIRECTORIES} directories, not an inventory")
+    return found
+
+
+def _several(path: Path, inventories: list[Path]) -> InventoryRefused:
+    names = ", ".join(
+        (str(i.relative_to(path)) if i != path else "its own files") if i.is_relative_to(path) else str(i)
+        for i in inventories
+    )
+    return InventoryRefused(f"inventory {path}: holds several inventories ({names}); name one of them")
+
+
+def inventory_path(inventory: Path | str) -> Path:
+    """The inventory's path, refused before Ansible reads anything when it cannot be one inventory."""
+    if not str(inventory).strip():
+        # Ansible would take the current directory and merge every inventory under it.
+        raise InventoryRefused(
+            f"inventory {str(inventory)!r}: empty path (Ansible would read the whole current directory); "
+            "name one, e.g. inventory/lab"
+        )
+    path = Path(inventory).expanduser().resolve()
     if not path.exists():
-        raise FileNotFoundError(f"inventory {path} does not exist")
-    loader = _loader_with_vault()
-    manager = InventoryManager(loader=loader, sources=[str(path)])
-    variables = VariableManager(loader=loader, inventory=manager)
-    members = manager.get_groups_dict().get(group)
+        raise InventoryRefused(f"inventory {path}: does not exist")
+    if not (path.is_dir() or path.is_file()):
+        raise InventoryRefused(f"inventory {path}: neither a directory nor a file")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InventoryRefused(f"inventory {path}: empty file")
+    if path.is_dir() and not [n for n in os.listdir(path) if not IGNORED.search(n.encode())]:
+        raise InventoryRefused(f"inventory {path}: empty (no file Ansible would read in it)")
+    if path.is_dir():
+        nested = [d for d in _subdirectories(path) if any((d / v).is_dir() for v in VARS_DIRECTORIES)]
+        if nested:
+            raise _several(path, nested)
+    return path
+
+
+class _SourcedInventory(InventoryManager):  # type: ignore[misc]
+    """InventoryManager that notes which file declared or changed each host: given a directory,
+    Ansible merges every file under it, the last one's address winning."""
+
+    def __init__(self, loader: DataLoader, source: Path) -> None:
+        self.parsed: list[str] = []
+        self.sources: dict[str, set[str]] = defaultdict(set)
+        self.addresses: dict[str, dict[str, str]] = defaultdict(dict)
+        super().__init__(loader=loader, sources=[str(source)], parse=False)
+
+    def _hosts(self) -> dict[str, Any]:
+        return {name: (sorted(g.name for g in host.groups), dict(host.vars)) for name, host in self.hosts.items()}
+
+    def parse_source(self, source: str, cache: bool = False) -> bool:
+        if os.path.isdir(source):
+            return bool(super().parse_source(source, cache=cache))
+        before = self._hosts()
+        parsed = bool(super().parse_source(source, cache=cache))
+        if parsed:
+            self.parsed.append(source)
+            for name, now in self._hosts().items():
+                if before.get(name) != now:
+                    self.sources[name].add(source)
+                    if "ansible_host" in now[1]:
+                        self.addresses[name][source] = str(now[1]["ansible_host"])
+        return parsed
+
+
+def _read_inventory(loader: DataLoader, path: Path, group: str) -> tuple[InventoryManager, list[str]]:
+    """The inventory and its members of `group`, refused when they come from more than one place."""
+    manager = _SourcedInventory(loader, path)
+    noise = io.StringIO()
+    # Ansible warns about every file it cannot read; for a refused path the refusal says it all.
+    with contextlib.redirect_stderr(noise):
+        manager.parse_sources(cache=True)
+    if not manager.parsed:
+        raise InventoryRefused(f"inventory {path}: not an inventory Ansible can read")
+    members = list(manager.get_groups_dict().get(group) or [])
     if not members:
-        raise ValueError(f"inventory {path} has no hosts in group {group!r}")
+        raise InventoryRefused(f"inventory {path}: no hosts in group {group!r}")
+    places = {Path(s).parent for m in members for s in manager.sources[m]}
+    if len(places) > 1:
+        raise _several(path, sorted(places))
+    for member in members:
+        addresses = manager.addresses[member]
+        if len(set(addresses.values())) > 1:
+            given = ", ".join(f"{a} in {Path(s).name}" for s, a in sorted(addresses.items()))
+            raise InventoryRefused(f"inventory {path}: {member} has more than one address ({given})")
+    sys.stderr.write(noise.getvalue())
+    return manager, members
+
+
+def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
+    """Reads the inventory offline (nothing is contacted) and renders each member's settings.
+    Raises InventoryRefused for a path that is not exactly one inventory holding `group`."""
+    path = inventory_path(inventory)
+    loader = _loader_with_vault()
+    manager, members = _read_inventory(loader, path, group)
+    variables = VariableManager(loader=loader, inventory=manager)
     defaults = _role_defaults()
     nodes = []
     logins: dict[str, Any] = {}

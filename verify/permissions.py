@@ -21,6 +21,8 @@ from typing import Any
 
 import nats
 
+from verify.client import connect_tls_or_nothing
+
 # nats-py lowers the case of the server's -ERR text.
 VIOLATION = "permissions violation for publish to"
 # How long a probe nothing answers (an ack) waits for a violation that trails the flush.
@@ -212,11 +214,13 @@ async def check_client(
         violations.append(str(error))
 
     run = uuid.uuid4().hex[:8]
-    nc = await nats.connect(
+    nc = await connect_tls_or_nothing(
         servers=servers,
         name="nats-verify-permissions",
         connect_timeout=seconds * 2,
         max_reconnect_attempts=1,
+        # nats-py's default (2 s) is waited out for each refusing server before its second try.
+        reconnect_time_wait=0.1,
         error_cb=note,
         **login,
     )

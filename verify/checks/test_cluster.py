@@ -14,7 +14,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from verify import limits, replicas
+from verify import limits, monitor, replicas
 from verify.client import connect
 from verify.inventory import Cluster, Node
 from verify.plugin import RUNBOOKS, RunState, answering_nodes, client_urls, monitor_json, monitor_reply
@@ -139,9 +139,13 @@ def jetstream_view(nats_cluster: Cluster, verify_state: RunState) -> JetStreamVi
     the checks that need the view."""
     fallback = str(nats_cluster.nodes[0].settings.get("nats_server_app_account") or "?")
     seconds = min(5.0, max(1.0, verify_state.remaining()))
+    try:
+        servers = client_urls(verify_state, nats_cluster)
+    except pytest.fail.Exception as failure:
+        return JetStreamView(fallback, error=f"account info: {failure.msg}")
 
     async def read() -> JetStreamView:
-        nc = await connect(client_urls(verify_state, nats_cluster), verify_state, login=nats_cluster.login())
+        nc = await connect(servers, verify_state, login=nats_cluster.login())
         try:
             return await read_jetstream(nc, timeout=min(2.0, seconds), fallback=fallback)
         finally:
@@ -168,9 +172,25 @@ def judge(state: RunState, usages: Iterable[limits.Usage | None]) -> list[str]:
     return [u.message() for u in failures]
 
 
+@pytest.fixture(scope="session")
+def healthz_replies(nats_cluster: Cluster, verify_state: RunState) -> dict[str, monitor.Reply]:
+    """/healthz of every node, asked all at once: the run's first contact, so nodes that do not
+    answer cost one timeout together, not one each, and are known to every check after."""
+
+    def ask(node: Node) -> monitor.Reply | None:
+        try:
+            return monitor_reply(verify_state, node, "/healthz")
+        except pytest.fail.Exception:
+            return None  # the node's check fails with what monitor_reply recorded
+
+    with ThreadPoolExecutor(max_workers=len(nats_cluster.nodes)) as pool:
+        replies = list(pool.map(ask, nats_cluster.nodes))
+    return {node.host: reply for node, reply in zip(nats_cluster.nodes, replies, strict=True) if reply is not None}
+
+
 @pytest.mark.runbook("cluster")
-def test_full_healthz(nats_node: Node, verify_state: RunState) -> None:
-    reply = monitor_reply(verify_state, nats_node, "/healthz")
+def test_full_healthz(nats_node: Node, healthz_replies: dict[str, monitor.Reply], verify_state: RunState) -> None:
+    reply = healthz_replies.get(nats_node.host) or monitor_reply(verify_state, nats_node, "/healthz")
     if reply.status != 200:
         try:
             detail = "; ".join(e.get("error", str(e)) for e in reply.json.get("errors", [])) or reply.json.get("error")
@@ -209,6 +229,8 @@ def test_messages_cross_every_route(nats_cluster: Cluster, verify_state: RunStat
     """
     prefix = f"_verify.routes.{verify_state.run_id}"
     nodes = answering_nodes(verify_state, nats_cluster)
+    if not nodes:
+        pytest.fail("not tried: no node answered earlier in this run", pytrace=False)
 
     async def ask(source: Client, target: str) -> bool:
         deadline = asyncio.get_running_loop().time() + ROUTE_CROSSING_SECONDS
@@ -434,6 +456,8 @@ def test_replicas_hold_the_same_data(
 ) -> None:
     """`nats server stream-check`: every stream's replicas report the same first and last
     sequence, messages and bytes; sampled again for up to 2 s while they differ (live writes)."""
+    if not jsz_details:
+        pytest.fail("not compared: no node's monitor port answers", pytrace=False)
     problems = compare_replicas(verify_state, nats_cluster, first=jsz_details)
     assert not problems, "replicas differ in every sample: " + " | ".join(problems)
 

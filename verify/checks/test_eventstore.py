@@ -49,8 +49,10 @@ class Probe:
     def run(self, body: Callable[[Client], Awaitable[T]], seconds: float = 5.0) -> T:
         """body(nc) on a fresh connection, inside this check's share of the run's deadline."""
 
+        servers = client_urls(self.state, self.cluster)
+
         async def main() -> T:
-            nc = await connect(client_urls(self.state, self.cluster), self.state, login=self.cluster.login())
+            nc = await connect(servers, self.state, login=self.cluster.login())
             try:
                 return await body(nc)
             finally:

@@ -20,9 +20,9 @@ import nats
 import pytest
 
 from verify import permissions
-from verify.client import connect
+from verify.client import connect, connect_tls_or_nothing
 from verify.inventory import Cluster, Node
-from verify.plugin import RunState, client_urls, fail_if_silent, monitor_json, note_silence
+from verify.plugin import RunState, client_urls, contact_nodes, fail_if_silent, monitor_json, note_silence
 
 pytestmark = pytest.mark.security
 
@@ -51,7 +51,11 @@ async def _read_info(host: str, port: int, seconds: float) -> tuple[dict[str, An
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), seconds)
     except TimeoutError:
         raise Silent(f"{host}:{port} did not answer within {seconds:.0f} s") from None
-    line = await asyncio.wait_for(reader.readline(), seconds)
+    try:
+        line = await asyncio.wait_for(reader.readline(), seconds)
+    except TimeoutError:
+        writer.close()
+        raise Silent(f"{host}:{port} took the connection but sent no INFO within {seconds:.0f} s") from None
     if not line.startswith(b"INFO "):
         writer.close()
         raise AssertionError(f"{host}:{port} did not greet with INFO: {line[:80]!r}")
@@ -130,21 +134,51 @@ def test_route_port_requires_mutual_tls(nats_node: Node, nats_cluster: Cluster, 
     assert "certificate required" in error, f"{nats_node.host}: the route port did not ask for a certificate ({error})"
 
 
-async def _refusal(cluster: Cluster, state: RunState, **login: Any) -> str:
-    """The error a login attempt gets, or '' if the server let it in."""
+async def _login_attempt(cluster: Cluster, state: RunState, node: Node, login: dict[str, Any]) -> str:
+    """The error a login to `node` gets, '' if it got in; Silent if the node did not answer.
+    One connection, within the run's time: nats-py's own server loop, told not to reconnect,
+    would retry a refused address without end."""
+    seconds = budget(state, 2.0)
+    errors: list[str] = []
+
+    async def note(error: Exception) -> None:
+        errors.append(f"{type(error).__name__}: {error}".strip())
+
     try:
-        nc = await nats.connect(
-            servers=client_urls(state, cluster),
-            connect_timeout=budget(state, 2.0),
-            allow_reconnect=False,
-            max_reconnect_attempts=0,
-            tls=cluster.tls_context(),
-            **login,
+        nc = await asyncio.wait_for(
+            connect_tls_or_nothing(
+                servers=[node.client_url],
+                connect_timeout=seconds,
+                allow_reconnect=False,
+                max_reconnect_attempts=1,
+                reconnect_time_wait=0,
+                error_cb=note,
+                tls=cluster.tls_context(),
+                **login,
+            ),
+            seconds + 0.2,
         )
-    except (nats.errors.Error, OSError, TimeoutError) as error:
+    except TimeoutError:
+        note_silence(state, node, f"connecting to {node.client_url}")
+        raise Silent(f"{node.host}: no answer within {seconds:.1f} s") from None
+    except nats.errors.NoServersError:
+        raise Silent(f"{node.host}: {errors[-1] if errors else 'no answer'}") from None
+    except (nats.errors.Error, OSError) as error:
         return f"{type(error).__name__}: {error}"
     await nc.close()
     return ""
+
+
+async def _refusal(cluster: Cluster, state: RunState, **login: Any) -> str:
+    """The error a login attempt gets from the first node that answers, or '' if that node let it
+    in; fails when none answers."""
+    silent = []
+    for node in contact_nodes(state, cluster):
+        try:
+            return await _login_attempt(cluster, state, node, login)
+        except Silent as silence:
+            silent.append(str(silence))
+    pytest.fail("no node answered a login attempt: " + "; ".join(silent), pytrace=False)
 
 
 @pytest.mark.runbook("security")
