@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
 from tests.helpers import NATS_SERVER, REPO
 from tests.local_nats import free_port
 from verify import monitor
+from verify.client import connect_tls_or_nothing
 
 pytestmark = pytest.mark.slow
 
@@ -112,7 +112,7 @@ jetstream {{ store_dir: "{workdir}/store", domain: "dgx-phx", max_memory_store: 
 async def create_stream(server: LocalServer) -> None:
     """INFRASTRUCTURE_EVENTS as the deploy makes it (jetstream_streams_declared), at R1."""
     tls = ssl.create_default_context(cafile=str(server.ca))
-    client = await nats.connect(server.url, user=USER, password=PASSWORD, tls=tls, connect_timeout=3)
+    client = await connect_tls_or_nothing(server.url, user=USER, password=PASSWORD, tls=tls, connect_timeout=3)
     try:
         await client.jetstream(timeout=3).add_stream(
             StreamConfig(

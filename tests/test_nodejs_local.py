@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
-import nats
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -41,6 +40,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from tests.helpers import NATS_SERVER, REPO
 from tests.local_nats import free_port
 from verify import monitor
+from verify.client import connect_tls_or_nothing
 
 pytestmark = pytest.mark.slow
 
@@ -290,7 +290,7 @@ def create_stream(host: str, port: int, ca: Path) -> None:
 
     async def create() -> None:
         context = ssl.create_default_context(cafile=str(ca))
-        nc = await nats.connect(
+        nc = await connect_tls_or_nothing(
             f"tls://{host}:{port}",
             user=USER,
             password=PASSWORD,
