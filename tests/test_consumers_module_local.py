@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 from collections.abc import Iterator
@@ -626,6 +627,17 @@ def test_errors_name_the_problem(tmp_path: Path, world: tuple[str, list[str]]) -
             failing | {"servers": [url], "streams": ["a.b"]},
             failing | {"servers": [f"nats://127.0.0.1:{free_port()}"], "timeout": 1},
             failing | {"servers": [url], "streams": ["GREEDY"], "stream_inactive_threshold": "30m"},
+            # Below: one short message each, naming the option (or the stream) and the problem.
+            failing | {"servers": [url], "stale_after": "1ms"},
+            failing | {"servers": [url], "stale_after": "5 minutes"},
+            failing | {"servers": [url], "protected": ["EVENTS/read.model"]},
+            failing | {"servers": [url], "protected": ["EVENTS/"]},
+            failing | {"servers": [url], "streams": ["MY EVENTS"]},
+            failing | {"servers": [url], "streams": ["NOPE"]},
+            # The existing stream first: nothing may be set on it before the missing one is found.
+            failing | {"servers": [url], "streams": [STREAM, "NOPE", "NADA"], "stream_inactive_threshold": "2h"},
+            failing | {"servers": [url], "stream_inactive_threshold": "5 minutes"},
+            failing | {"servers": [url], "timeout": 0},
         ],
     )
     assert code == 0, output
@@ -637,13 +649,35 @@ def test_errors_name_the_problem(tmp_path: Path, world: tuple[str, list[str]]) -
         "stale_after must be at least 30s, not 29s: a consumer whose client is only between two requests can "
         "look idle that long (use e.g. 1m, 30m, 1h)"
     )
-    assert messages[3] == "protected: ['leak-2'] are not STREAM/NAME"
+    assert messages[3] == (
+        "protected: ['leak-2'] are not STREAM/NAME (each name without spaces, '.', '*', '>' or slashes)"
+    )
     assert messages[4].startswith("stream_inactive_threshold: not a duration: '1 week'")
-    assert messages[5] == "stream not found: NOPE"
+    assert messages[5] == "stream NOPE: not found, so nothing was examined or changed"
     assert messages[6].startswith("invalid stream names ['a.b']")
     assert messages[7].startswith("cannot connect to nats://127.0.0.1:") and "within 1 s" in messages[7]
     assert messages[8].startswith("stream GREEDY: the server refuses consumer_limits.inactive_threshold 30m")
     assert "violates consumers: patient" in messages[8] and "already set on: none" in messages[8]
+    assert messages[9].startswith("stale_after must be at least 30s, not 1ms: ")
+    assert messages[10] == "stale_after: not a duration: '5 minutes' (use e.g. 1m, 30m, 1h, 2d)"
+    assert messages[11].startswith("protected: ['EVENTS/read.model'] are not STREAM/NAME")
+    assert messages[12].startswith("protected: ['EVENTS/'] are not STREAM/NAME")
+    assert messages[13].startswith("invalid stream names ['MY EVENTS']")
+    assert messages[14] == "stream NOPE: not found, so nothing was examined or changed"
+    assert messages[15] == "streams NOPE, NADA: not found, so nothing was examined or changed"
+    assert messages[16].startswith("stream_inactive_threshold: not a duration: '5 minutes'")
+    assert messages[17] == "timeout must be more than 0"
+    for message in messages:
+        assert "\n" not in message and len(message) < 320 and not re.search(r"[0-9]{10}", message), message
+    assert "Traceback" not in output
+
+    async def events_threshold() -> Any:
+        nc = await nats.connect(url)
+        reply = await nc.request(f"$JS.API.STREAM.INFO.{STREAM}", b"")
+        await nc.close()
+        return json.loads(reply.data)["config"].get("consumer_limits", {}).get("inactive_threshold")
+
+    assert asyncio.run(events_threshold()) is None, "a stream was changed before a missing one was found"
 
 
 def load_module() -> ModuleType:

@@ -2,7 +2,8 @@
 
 `jetstream_stream_problems` runs the same reading of a declaration that the jetstream_streams
 module applies (plugins/module_utils/jetstream_stream_spec.py), over all declared streams at once,
-so a bad declaration stops the deploy in its preflight instead of after the rolling restart.
+and checks them against the account's and the nodes' JetStream limits from the inventory, so a bad
+declaration stops the deploy in its preflight instead of after the rolling restart.
 """
 
 from __future__ import annotations
@@ -27,8 +28,15 @@ def _spec() -> ModuleType:
     return module
 
 
-def jetstream_stream_problems(streams: Any, cluster_size: int) -> list[str]:
-    problems: list[str] = _spec().declaration_problems(streams, int(cluster_size))
+def jetstream_stream_problems(
+    streams: Any, cluster_size: int, account_limits: Any = None, node_limits: list[Any] | None = None
+) -> list[str]:
+    """Every problem of the declared streams, each one line naming the stream and the variable.
+
+    `account_limits` is nats_server_app_jetstream_limits, `node_limits` one mapping per node with its
+    host and nats_server_jetstream_max_file_store / _max_memory_store; without them only the
+    declarations themselves are checked."""
+    problems: list[str] = _spec().declaration_problems(streams, int(cluster_size), account_limits, node_limits)
     return problems
 
 

@@ -34,7 +34,9 @@ extends_documentation_fragment:
   - jetstream_connection
 options:
   streams:
-    description: Streams to examine; empty means every stream in the account.
+    description:
+      - Streams to examine; empty means every stream in the account. A named stream that does not
+        exist fails the run before anything is examined or changed.
     type: list
     elements: str
     default: []
@@ -257,10 +259,16 @@ class Cleanup:
         return answer
 
     async def stream_names(self, requested: list[str]) -> list[str]:
-        if requested:
-            return list(dict.fromkeys(requested))
+        """The streams to examine: every stream, or the requested ones once each is known to exist
+        (before anything is changed on any of them)."""
         names, _ = await paged(self.nc, "$JS.API.STREAM.NAMES", "streams", self.timeout)
-        return sorted(set(names))
+        if not requested:
+            return sorted(set(names))
+        missing = [s for s in dict.fromkeys(requested) if s not in set(names)]
+        if missing:
+            which = "stream" if len(missing) == 1 else "streams"
+            raise Problem(f"{which} {', '.join(missing)}: not found, so nothing was examined or changed")
+        return list(dict.fromkeys(requested))
 
     async def set_threshold(self, stream: str, threshold: int) -> None:
         config = (await self.api(f"$JS.API.STREAM.INFO.{stream}"))["config"]
@@ -466,7 +474,7 @@ def validate(params: dict[str, Any]) -> tuple[int, int | None, frozenset[str]]:
     protected = [str(p) for p in params["protected"]]
     bad = [p for p in protected if not _PROTECTED.fullmatch(p)]
     if bad:
-        raise Problem(f"protected: {bad} are not STREAM/NAME")
+        raise Problem(f"protected: {bad} are not STREAM/NAME (each name without spaces, '.', '*', '>' or slashes)")
     return stale_after, threshold, frozenset(protected)
 
 
@@ -506,7 +514,7 @@ async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
                 if error.err_code != STREAM_NOT_FOUND:
                     raise
                 if explicit:
-                    raise Problem(f"stream not found: {stream}") from error
+                    raise Problem(f"stream {stream}: deleted while it was examined") from error
                 # Listed a moment ago, deleted since: nothing to clean there.
         job.stale = sorted(label for label, v in job.verdicts.items() if v.stale)
         if params["delete"]:

@@ -8,19 +8,29 @@ DOCUMENTATION = r"""
 module: jetstream_streams
 short_description: Apply declared JetStream streams and durable consumers, from the controller
 description:
-  - Connects to the cluster with nats-py and makes each declared stream match its declaration.
+  - Connects to the cluster and makes each declared stream match its declaration, speaking the
+    JetStream API's JSON (an update sends the server's own config back with the declared fields
+    changed, so no field the module does not manage is lost).
   - Creates missing streams and consumers, updates changed mutable fields in place, and reports a
     diff in check mode. Never deletes a stream or consumer that is not declared.
   - Every declared stream keeps every event unless it declares I(deletes_old_events=true) - the
     keys that decide it are always managed, with these values when left out - retention limits,
     discard new, no max_age, no max_msgs/max_bytes/max_msgs_per_subject, no rollups, deny_delete
-    and deny_purge true, no consumer_limits.inactive_threshold. A declaration that would delete
-    events without the key is refused before anything is applied.
-  - Refuses destructive changes (storage or retention type, fewer replicas, removed subjects,
-    lowered max_age/max_bytes/max_msgs/max_msgs_per_subject/max_msg_size) unless
-    I(allow_destructive) is set; a storage type change is refused always, because NATS cannot
-    change it in place.
-  - Every change is checked before any is applied, so a refused declaration changes nothing.
+    and deny_purge true, no consumer_limits.inactive_threshold.
+  - All or nothing, in three steps. First every declaration is read (a bad one, a name declared
+    twice, subjects two streams share, what the server would refuse); then every stream and
+    consumer is read from the server and every change worked out; only if none is refused is any
+    applied. A server refusal while applying stops there, naming the stream and what was applied
+    before it.
+  - Refuses destructive changes unless I(allow_destructive) is set - fewer replicas, removed
+    subjects, another retention, lowered max_age/max_bytes/max_msgs/max_msgs_per_subject (also
+    below what the stream holds), lowered max_msg_size/max_consumers/consumer_inactive_threshold,
+    allow_direct or allow_atomic turned off, discard old with a size or count limit, rollups
+    allowed. Refuses always what the server cannot change - the storage type, retention to or from
+    workqueue, deny_delete or deny_purge turned off, a sealed stream, ack_policy or deliver_policy
+    of an existing consumer.
+  - Every error names the stream (and the consumer), server errors as C(stream X - description
+    (err_code N)).
 extends_documentation_fragment:
   - jetstream_connection
 options:
@@ -31,12 +41,14 @@ options:
         max_msg_size, max_consumers, duplicate_window, allow_direct, allow_atomic, allow_rollup,
         deny_delete, deny_purge, consumer_inactive_threshold (durations like 30d/2m/1m30s, sizes
         like 10GB), deletes_old_events (true to allow a declaration that deletes events), and
-        consumers (a list of durable consumers).
+        consumers (durable pull consumers - name, description, filter_subject, ack_policy
+        (explicit unless declared), deliver_policy, max_deliver, max_ack_pending, ack_wait,
+        inactive_threshold). Each must be a mapping; one that is not is refused with the others.
     type: list
-    elements: dict
+    elements: raw
     required: true
   allow_destructive:
-    description: Apply changes that lose data or copies (not a storage type change).
+    description: Apply changes that lose data or copies, or that refuse reads or writes sooner.
     type: bool
     default: false
   timeout:
@@ -67,7 +79,7 @@ EXAMPLES = r"""
 
 RETURN = r"""
 created:
-  description: Streams and consumers created (stream or stream/consumer).
+  description: Streams and consumers created (stream or stream/consumer; in check mode, that would be).
   type: list
   returned: always
 updated:
@@ -77,52 +89,69 @@ updated:
 """
 
 import asyncio
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
-from ansible.module_utils.jetstream_api import CONNECTION_ARGUMENT_SPEC, ConnectError, connect
+from ansible.module_utils.jetstream_api import CONNECTION_ARGUMENT_SPEC, ApiError, ConnectError, api, connect, paged
 from ansible.module_utils.jetstream_stream_spec import (
     DeclarationError,
+    account_problems,
     changes,
-    desired_config,
+    consumer_changes,
+    consumer_refusals,
+    declared_consumers,
     destructive,
-    parse_duration,
+    flatten,
+    impossible,
+    stream_problems,
     unflatten,
 )
 
 try:
     import nats
-    from nats.js.api import ConsumerConfig, StreamConfig
 
     HAS_NATS = True
 except ImportError:  # reported by fail_json below
     HAS_NATS = False
 
-CONSUMER_FIELDS = {
-    "description": "str",
-    "filter_subject": "str",
-    "ack_policy": "str",
-    "deliver_policy": "str",
-    "max_deliver": "int",
-    "max_ack_pending": "int",
-    "ack_wait": "duration",
-    "inactive_threshold": "duration",
-}
+JS = "$JS.API"
+STREAM_NOT_FOUND = 10059
+CONSUMER_NOT_FOUND = 10014
+# The whole run, reading and applying included.
+RUN_TIMEOUT = 60.0
 
 
-def consumer_config(stream: str, spec: dict[str, Any]) -> dict[str, Any]:
-    name = spec.get("name")
-    if not name:
-        raise DeclarationError(f"stream {stream}: a consumer needs a name")
-    unknown = sorted(set(spec) - set(CONSUMER_FIELDS) - {"name"})
-    if unknown:
-        raise DeclarationError(f"stream {stream}: consumer {name}: unknown keys {unknown}")
-    config: dict[str, Any] = {"durable_name": name, "name": name}
-    for key, kind in CONSUMER_FIELDS.items():
-        if key in spec:
-            config[key] = parse_duration(spec[key]) if kind == "duration" else spec[key]
-    return config
+class Refused(Exception):
+    """A declaration or a change that is not applied; the message names the stream."""
+
+
+def server_said(error: ApiError) -> str:
+    """The server's description and err_code, without the API subject ApiError puts first."""
+    return str(error).split(": ", 1)[-1]
+
+
+@dataclass
+class Consumer:
+    stream: str
+    name: str
+    desired: dict[str, Any]
+    current: dict[str, Any] | None
+    diff: dict[str, tuple[Any, Any]]
+
+    @property
+    def label(self) -> str:
+        return f"{self.stream}/{self.name}"
+
+
+@dataclass
+class Planned:
+    name: str
+    desired: dict[str, Any]
+    current: dict[str, Any] | None  # the server's config, as STREAM.INFO returns it
+    diff: dict[str, tuple[Any, Any]]
+    consumers: list[Consumer]
 
 
 @dataclass
@@ -131,71 +160,160 @@ class Outcome:
     updated: list[str] = field(default_factory=list)
     before: dict[str, Any] = field(default_factory=dict)
     after: dict[str, Any] = field(default_factory=dict)
+    applied: list[str] = field(default_factory=list)  # what the server has taken, in order
 
     def record(self, label: str, diff: dict[str, tuple[Any, Any]]) -> None:
         self.updated.append(label)
         self.before[label] = {k: v[0] for k, v in diff.items()}
         self.after[label] = {k: v[1] for k, v in diff.items()}
 
-
-@dataclass
-class Planned:
-    name: str
-    desired: dict[str, Any]
-    current: dict[str, Any] | None
-    diff: dict[str, tuple[Any, Any]]
-    consumers: list[dict[str, Any]]
+    def so_far(self) -> str:
+        return f"applied before it: {', '.join(self.applied) or 'nothing'}"
 
 
-async def plan(js: Any, streams: list[dict[str, Any]], allow_destructive: bool) -> tuple[list[Planned], list[str]]:
-    """What each declared stream needs, and the destructive changes that are refused."""
-    planned, refused = [], []
-    for spec in streams:
-        desired = desired_config(spec)
+def read_declarations(streams: Any) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Every declared stream and its consumers in API form, or Refused naming every bad one."""
+    problems, good = stream_problems(streams)
+    if problems:
+        raise Refused("Bad stream declaration, nothing applied: " + " | ".join(problems))
+    return [(config, declared_consumers(spec, config)) for config, spec in good]
+
+
+async def request(nc: Any, label: str, subject: str, payload: dict[str, Any] | None, timeout: float) -> dict[str, Any]:
+    """One API request; ApiError becomes Refused naming the stream (or stream/consumer)."""
+    try:
+        answer: dict[str, Any] = await api(nc, subject, payload, timeout)
+        return answer
+    except ApiError as error:
+        raise Refused(f"{label}: {server_said(error)}") from error
+
+
+async def info(nc: Any, label: str, subject: str, missing: int, timeout: float) -> dict[str, Any] | None:
+    """STREAM.INFO or CONSUMER.INFO; None when it does not exist."""
+    try:
+        answer: dict[str, Any] = await api(nc, subject, None, timeout)
+        return answer
+    except ApiError as error:
+        if error.err_code == missing:
+            return None
+        raise Refused(f"{label}: {server_said(error)}") from error
+
+
+async def plan(
+    nc: Any, declared: list[tuple[dict[str, Any], list[dict[str, Any]]]], allow_destructive: bool, timeout: float
+) -> tuple[list[Planned], list[str], list[str]]:
+    """What each declared stream needs; the changes the server cannot make; the destructive ones."""
+    planned: list[Planned] = []
+    cannot: list[str] = []
+    harmful: list[str] = []
+    for desired, consumers in declared:
         name = desired["name"]
-        try:
-            current = (await js.stream_info(name)).config.as_dict()
-        except nats.js.errors.NotFoundError:
-            current = None
+        found = await info(nc, f"stream {name}", f"{JS}.STREAM.INFO.{name}", STREAM_NOT_FOUND, timeout)
+        current = found["config"] if found else None
         diff = changes(current, desired) if current is not None else {}
-        harmful = destructive(name, diff)
-        if "storage" in diff:
-            refused.append(harmful[0] + ": NATS cannot change it in place; migrate through a new stream")
-        elif harmful and not allow_destructive:
-            refused.extend(harmful)
-        planned.append(
-            Planned(name, desired, current, diff, [consumer_config(name, c) for c in spec.get("consumers") or []])
-        )
-    return planned, refused
+        if found is not None:
+            cannot += impossible(name, diff, found["config"])
+            harmful += destructive(name, diff, found.get("state"), flatten(found["config"]))
+        stream = Planned(name, desired, current, diff, [])
+        for wanted in consumers:
+            stream.consumers.append(await plan_consumer(nc, stream, wanted, timeout))
+            cannot += consumer_refusals(f"stream {name}: consumer {wanted['name']}", stream.consumers[-1].diff)
+        planned.append(stream)
+    cannot += await account_check(nc, planned, timeout)
+    return planned, cannot, [] if allow_destructive else harmful
 
 
-async def apply(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
+async def account_check(nc: Any, planned: list[Planned], timeout: float) -> list[str]:
+    """The account's limits (as the server reports them) against its streams after the changes,
+    so that a stream the server would refuse for want of room stops the run before any change."""
+    try:
+        limits = (await api(nc, f"{JS}.INFO", None, timeout)).get("limits") or {}
+        existing, _ = await paged(nc, f"{JS}.STREAM.LIST", "streams", timeout)
+    except ApiError as error:
+        raise Refused(f"the account's JetStream limits: {server_said(error)}") from error
+    configs = [s.get("config") or {} for s in existing]
+    problems: list[str] = account_problems(limits, configs, [s.desired for s in planned])
+    return problems
+
+
+async def plan_consumer(nc: Any, stream: Planned, desired: dict[str, Any], timeout: float) -> Consumer:
+    name = desired["name"]
+    current = None
+    if stream.current is not None:
+        subject = f"{JS}.CONSUMER.INFO.{stream.name}.{name}"
+        found = await info(nc, f"stream {stream.name}: consumer {name}", subject, CONSUMER_NOT_FOUND, timeout)
+        current = found["config"] if found else None
+    diff = consumer_changes(current, desired) if current is not None else {}
+    return Consumer(stream.name, name, desired, current, diff)
+
+
+def merged(current: dict[str, Any], diff: dict[str, tuple[Any, Any]]) -> dict[str, Any]:
+    """The server's own config with the declared changes made (nested keys merged)."""
+    config = copy.deepcopy(current)
+    for key, value in unflatten({k: v[1] for k, v in diff.items()}).items():
+        config[key] = (config.get(key) or {}) | value if isinstance(value, dict) else value
+    return config
+
+
+async def apply_stream(nc: Any, stream: Planned, check_mode: bool, outcome: Outcome, timeout: float) -> None:
+    label = f"stream {stream.name}"
+    if stream.current is None:
+        if not check_mode:
+            await request(nc, label, f"{JS}.STREAM.CREATE.{stream.name}", unflatten(stream.desired), timeout)
+            outcome.applied.append(f"created {stream.name}")
+        outcome.created.append(stream.name)
+        outcome.after[stream.name] = unflatten(stream.desired)
+    elif stream.diff:
+        if not check_mode:
+            config = merged(stream.current, stream.diff)
+            await request(nc, label, f"{JS}.STREAM.UPDATE.{stream.name}", config, timeout)
+            outcome.applied.append(f"updated {stream.name}")
+        outcome.record(stream.name, stream.diff)
+    for consumer in stream.consumers:
+        await apply_consumer(nc, consumer, check_mode, outcome, timeout)
+
+
+async def apply_consumer(nc: Any, consumer: Consumer, check_mode: bool, outcome: Outcome, timeout: float) -> None:
+    label = f"stream {consumer.stream}: consumer {consumer.name}"
+    subject = f"{JS}.CONSUMER.CREATE.{consumer.stream}.{consumer.name}"
+    if consumer.current is None:
+        if not check_mode:
+            body = {"stream_name": consumer.stream, "config": consumer.desired, "action": "create"}
+            await request(nc, label, subject, body, timeout)
+            outcome.applied.append(f"created {consumer.label}")
+        outcome.created.append(consumer.label)
+        outcome.after[consumer.label] = consumer.desired
+    elif consumer.diff:
+        if not check_mode:
+            body = {"stream_name": consumer.stream, "config": consumer.current | consumer.desired, "action": "update"}
+            await request(nc, label, subject, body, timeout)
+            outcome.applied.append(f"updated {consumer.label}")
+        outcome.record(consumer.label, consumer.diff)
+
+
+async def run(params: dict[str, Any], check_mode: bool, outcome: Outcome) -> dict[str, Any]:
     timeout = params["timeout"]
     nc = await connect(params, timeout)
     try:
-        js = nc.jetstream(timeout=timeout)
-        planned, refused = await plan(js, params["streams"], params["allow_destructive"])
-        if refused:
-            return {
-                "failed": True,
-                "msg": "Refusing destructive changes (allow_destructive=true to apply): " + "; ".join(refused),
-            }
-        outcome = Outcome()
+        # Nothing is asked of the server before every declaration reads well.
+        declared = read_declarations(params["streams"])
+        try:
+            planned, cannot, harmful = await plan(nc, declared, params["allow_destructive"], timeout)
+        except Refused as error:
+            raise Refused(f"{error}; nothing applied") from error
+        refusals = []
+        if cannot:
+            refusals.append("Refusing changes the server cannot make: " + " | ".join(cannot))
+        if harmful:
+            refusals.append("Refusing destructive changes (allow_destructive=true to apply): " + " | ".join(harmful))
+        if refusals:
+            raise Refused(". ".join(refusals) + ". Nothing applied")
         for stream in planned:
-            if stream.current is None:
-                outcome.created.append(stream.name)
-                outcome.after[stream.name] = unflatten(stream.desired)
-                if not check_mode:
-                    await js.add_stream(StreamConfig.from_response(unflatten(stream.desired)))
-            elif stream.diff:
-                outcome.record(stream.name, stream.diff)
-                if not check_mode:
-                    merged = dict(stream.current)
-                    for key, value in unflatten({k: v[1] for k, v in stream.diff.items()}).items():
-                        merged[key] = (merged.get(key) or {}) | value if isinstance(value, dict) else value
-                    await js.update_stream(StreamConfig.from_response(merged))
-            for consumer in stream.consumers:
-                await apply_consumer(js, stream, consumer, check_mode, outcome)
+            try:
+                await apply_stream(nc, stream, check_mode, outcome, timeout)
+            except Refused as error:
+                rest = [s.name for s in planned[planned.index(stream) + 1 :]]
+                raise Refused(f"{error}; {outcome.so_far()}; not applied: {', '.join(rest) or 'none'}") from error
         return {
             "changed": bool(outcome.created or outcome.updated),
             "created": outcome.created,
@@ -206,32 +324,12 @@ async def apply(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
         await nc.close()
 
 
-async def apply_consumer(js: Any, stream: Planned, desired: dict[str, Any], check_mode: bool, outcome: Outcome) -> None:
-    label = f"{stream.name}/{desired['name']}"
-    current = None
-    if stream.current is not None:
-        try:
-            current = (await js.consumer_info(stream.name, desired["name"])).config.as_dict()
-        except nats.js.errors.NotFoundError:
-            current = None
-    if current is None:
-        outcome.created.append(label)
-        outcome.after[label] = desired
-        if not check_mode:
-            await js.add_consumer(stream.name, ConsumerConfig.from_response(dict(desired)))
-        return
-    diff = {k: (current.get(k), v) for k, v in desired.items() if k != "name" and current.get(k) != v}
-    if diff:
-        outcome.record(label, diff)
-        if not check_mode:
-            await js.add_consumer(stream.name, ConsumerConfig.from_response(current | desired))
-
-
 def main() -> None:
     module = AnsibleModule(
         argument_spec={
             **CONNECTION_ARGUMENT_SPEC,
-            "streams": {"type": "list", "elements": "dict", "required": True},
+            # raw, so that a declaration that is no mapping gets this module's message naming it.
+            "streams": {"type": "list", "elements": "raw", "required": True},
             "allow_destructive": {"type": "bool", "default": False},
             "timeout": {"type": "float", "default": 5.0},
         },
@@ -239,16 +337,21 @@ def main() -> None:
     )
     if not HAS_NATS:
         module.fail_json(msg="jetstream_streams needs nats-py on the controller (pip install nats-py)")
+    if module.params["timeout"] <= 0:
+        module.fail_json(msg="timeout must be more than 0")
+    outcome = Outcome()
     try:
-        result = asyncio.run(asyncio.wait_for(apply(module.params, module.check_mode), 60))
-    except DeclarationError as error:
-        module.fail_json(msg=f"Bad stream declaration: {error}")
-    except ConnectError as error:
-        module.fail_json(msg=str(error))
-    except (nats.errors.Error, OSError, TimeoutError) as error:
-        module.fail_json(msg=f"JetStream API: {type(error).__name__}: {error}")
-    if result.pop("failed", False):
-        module.fail_json(**result)
+        result = asyncio.run(asyncio.wait_for(run(module.params, module.check_mode, outcome), RUN_TIMEOUT))
+    except (Refused, DeclarationError, ConnectError) as error:
+        module.fail_json(msg=str(error), created=outcome.created, updated=outcome.updated)
+    except TimeoutError:
+        module.fail_json(
+            msg=f"no answer from the cluster within {RUN_TIMEOUT:g} s; {outcome.so_far()}",
+            created=outcome.created,
+            updated=outcome.updated,
+        )
+    except (nats.errors.Error, OSError) as error:
+        module.fail_json(msg=f"NATS: {type(error).__name__}: {error}; {outcome.so_far()}")
     module.exit_json(**result)
 
 

@@ -169,3 +169,46 @@ def test_todays_stream_migrates_to_keeping_every_event(deployed_lab: Cluster) ->
     assert not (config.consumer_limits and config.consumer_limits.inactive_threshold)
     code, output = streams_playbook()
     assert code == 0 and "changed=0" in output and "changed: [" not in output, output[-3000:]
+
+
+def stream_configs(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    """Every stream on the cluster with its config, as the servers hold them."""
+
+    async def read() -> dict[str, dict[str, Any]]:
+        nc = await connect_tls_or_nothing(cluster.client_urls, connect_timeout=3, **cluster.login())
+        try:
+            js = nc.jetstream(timeout=10)
+            return {s.config.name or "": s.config.as_dict() for s in await js.streams_info()}
+        finally:
+            await nc.close()
+
+    return asyncio.run(read())
+
+
+def test_a_bad_declaration_leaves_every_stream_as_it_was(deployed_lab: Cluster) -> None:
+    """A bad stream among good ones, refused by the preflight (replicas above the cluster) and by
+    the server's state (subjects an undeclared stream already takes): nothing is created or
+    changed, and the refusal names the stream."""
+    other = "LABTEST_UNDECLARED"
+
+    async def create_undeclared() -> None:
+        nc = await connect_tls_or_nothing(deployed_lab.client_urls, connect_timeout=3, **deployed_lab.login())
+        try:
+            await nc.jetstream(timeout=10).add_stream(name=other, subjects=["labother.>"], num_replicas=1)
+        finally:
+            await nc.close()
+
+    asyncio.run(create_undeclared())
+    try:
+        before = stream_configs(deployed_lab)
+        good = {"name": "LABTEST_ALPHA", "subjects": ["alpha.>"], "replicas": 3, "max_bytes": "64MB"}
+        raised = declared(deployed_lab) | {"max_bytes": "11GB"}
+        for bad, reason in (
+            (good | {"name": "LABTEST_BETA", "subjects": ["beta.>"], "replicas": 5}, "LABTEST_BETA"),
+            (good | {"name": "LABTEST_BETA", "subjects": ["labother.x"]}, "LABTEST_BETA"),
+        ):
+            code, output = streams_playbook(*with_streams([raised, good, bad]))
+            assert code != 0 and reason in output, output[-3000:]
+            assert stream_configs(deployed_lab) == before, "a refused declaration changed the streams"
+    finally:
+        delete_stream(deployed_lab, other)
