@@ -132,7 +132,7 @@ def test_free_space_and_limits_fit_on_the_share(
     ]
     if nats_node["jetstream_storage_backend"] == "local":
         sharing = [nats_node]
-    limits = sum(stream_spec().parse_size(n["nats_server_jetstream_max_file_store"]) for n in sharing)
+    limits = sum(stream_spec().parse_server_size(n["nats_server_jetstream_max_file_store"]) for n in sharing)
     assert limits <= size, (
         f"{nats_node.host}: max_file_store of {len(sharing)} node(s) on this share is {limits >> 30} GiB, "
         f"the share holds {size >> 30} GiB"
