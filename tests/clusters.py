@@ -91,6 +91,7 @@ def clusters(draw: st.DrawFn) -> Cluster:
         "nats_server_monitor_port": monitor,
         "nats_server_jetstream_max_memory_store": draw(sizes),
         "nats_server_jetstream_max_file_store": draw(sizes),
+        "nats_server_jetstream_sync_interval": draw(st.sampled_from(["", "always", "2m", "10s", "1m30s", "500ms"])),
         "nats_server_lame_duck_duration_seconds": draw(st.integers(30, 300)),
         "nats_server_lame_duck_grace_period_seconds": draw(st.integers(0, 29)),
         "nats_server_user": "nats",

@@ -155,6 +155,11 @@ MUTATIONS: dict[str, tuple[Mutation, str]] = {
     ),
     "hosts differing in case": (_hosts_differing_in_case, "differ only in case"),
     "server names differing in case": (_server_names_differing_in_case, "is the server name of more than one host"),
+    "sync interval in words": (
+        _set("nats_server_jetstream_sync_interval", "2 minutes", True),
+        "nats_server_jetstream_sync_interval '2 minutes' must be always",
+    ),
+    "sync interval of zero": (_set("nats_server_jetstream_sync_interval", "0s", True), "must be always, a duration"),
     "ipv6 address": (_set("nats_server_address", "fd00::1"), "is an IPv6 address"),
     "ipv6 listener": (_set("nats_server_monitor_host", "::"), "is an IPv6 address"),
     "password given as a number": (

@@ -24,6 +24,8 @@ HOSTNAME_RE = re.compile(
 )
 # Sizes as nats-server.conf takes them unquoted: 512MB, 4GB, 1T ...
 SIZE_RE = re.compile(r"^[1-9][0-9]*(K|M|G|T)B?$")
+# nats-server reads sync_interval as a Go duration (time.ParseDuration) or "always".
+SYNC_INTERVAL_RE = re.compile(r"^([1-9][0-9]*(ms|s|m|h))+$")
 VERSION_RE = re.compile(r"^[0-9]+\.[0-9]+\.[0-9]+$")
 URL_RE = re.compile(r"^https?://[^\s/]+(/\S*)?$")
 LAME_DUCK_MINIMUM_SECONDS = 30
@@ -131,6 +133,9 @@ def _check_names(node: Mapping[str, Any], bad: Report) -> None:
         value = str(node.get(variable, ""))
         if not SIZE_RE.match(value):
             bad(f"{variable} {value!r} is not a size like 512MB or 16GB")
+    sync = str(node.get("nats_server_jetstream_sync_interval", ""))
+    if sync not in ("", "always") and not SYNC_INTERVAL_RE.match(sync):
+        bad(f"nats_server_jetstream_sync_interval {sync!r} must be always, a duration like 10s or 2m, or empty")
 
 
 def _check_release(node: Mapping[str, Any], bad: Report) -> None:
