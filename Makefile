@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Debian packages the lab needs on the machine (nspawn hosts, base image, partitions).
-LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client
+LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client libfuse2
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # rustup installs cargo under ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.

@@ -16,6 +16,17 @@ from nats_lab.util import locked, require_root, say
 DESCRIPTION = """\
 Three systemd hosts (systemd-nspawn) on a private bridge, an NFS stand-in share and a
 release mirror, laid out as inventory/lab/hosts.yml says."""
+FAULT_DESCRIPTION = """\
+kinds (`nats-lab heal [HOST]` undoes them; `status` lists the active ones):
+  stop           systemctl stop nats-server on HOST
+  kill           SIGKILL HOST's init: the host dies at once (heal boots it)
+  power-loss     HOST loses power: frozen, its NFS stand-in daemons SIGKILLed first (every
+                 write not fsynced or closed is lost, as a real client's cache), then the
+                 host; HOST `all` cuts the whole site at one instant. heal boots it again and
+                 its fstab mounts the share, as after a real outage
+  isolate        drop every packet to and from HOST
+  cut-routes     drop HOST's cluster route port (--port) to and from the others
+  stale-storage  HOST's cimnfs mounts answer ESTALE (heal: lazy unmount, mount, restart)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,9 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     ssh = sub.add_parser("ssh", help="run CMD as root on HOST: nats-lab ssh HOST -- CMD...")
     ssh.add_argument("host")
     ssh.add_argument("cmd", nargs=argparse.REMAINDER, help="command (joined as ssh does)")
-    fault = sub.add_parser("fault", help="inject a fault: " + ", ".join(faults.KINDS))
+    fault = sub.add_parser(
+        "fault",
+        help="inject a fault: " + ", ".join(faults.KINDS),
+        description=FAULT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     fault.add_argument("kind", metavar="KIND", help=" | ".join(faults.KINDS))
-    fault.add_argument("host", metavar="HOST")
+    fault.add_argument("host", metavar="HOST", help=f"a lab host, or {faults.ALL_HOSTS!r} (power-loss only)")
     fault.add_argument(
         "--port", type=int, default=faults.ROUTE_PORT, help=f"the port cut-routes cuts (default {faults.ROUTE_PORT})"
     )
@@ -55,9 +71,21 @@ def _ssh(lab: Lab, host_name: str, cmd: list[str]) -> int:
 def _fault(lab: Lab, kind: str, host_name: str, port: int) -> int:
     if kind not in faults.KINDS:
         raise LabError(f"unknown fault kind {kind!r}; valid kinds: {', '.join(faults.KINDS)}")
-    host = lab.host(host_name)
-    labmod.require_up(lab, host)
-    say(faults.inject(lab, kind, host, port))
+    if host_name == faults.ALL_HOSTS:
+        if kind != "power-loss":
+            raise LabError(f"HOST {faults.ALL_HOSTS!r} is for power-loss only; name one host for {kind}")
+        targets = list(lab.hosts)
+    else:
+        targets = [lab.host(host_name)]
+    if kind == "power-loss":
+        # Hosts that are down already (kill, power-loss) stay so; the others must be up.
+        for host in targets:
+            if not faults.down_kinds(lab, host):
+                labmod.require_up(lab, host)
+        say(faults.power_loss(lab, targets))
+        return 0
+    labmod.require_up(lab, targets[0])
+    say(faults.inject(lab, kind, targets[0], port))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Fault injection and healing: stop, kill, isolate, cut-routes, stale-storage.
+"""Fault injection and healing: stop, kill, power-loss, isolate, cut-routes, stale-storage.
 
 Active faults are kept in .lab/faults.json ({host: {kind: detail}}) so that `status` can
 show them and `heal` knows what to undo.
@@ -7,19 +7,30 @@ show them and `heal` knows what to undo.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import stat
 import subprocess
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from nats_lab import cimnfs, hosts, net
+from nats_lab import cimnfs, hosts, launcher, net
 from nats_lab.config import Host, Lab, LabError
 from nats_lab.ssh import root_command, run_root, ssh_argv
 from nats_lab.util import kill, say, wait_gone
 
-KINDS = ("stop", "kill", "isolate", "cut-routes", "stale-storage")
-# Undo in this order: a host must be reachable again before anything is done on it.
-HEAL_ORDER = ("isolate", "cut-routes", "kill", "stale-storage", "stop")
+KINDS = ("stop", "kill", "power-loss", "isolate", "cut-routes", "stale-storage")
+# Undo in this order: a host must be reachable again before anything is done on it, and
+# running (booted again after kill or power-loss) before its storage or service is touched.
+HEAL_ORDER = ("isolate", "cut-routes", "power-loss", "kill", "stale-storage", "stop")
+# After these the host is down until `heal` boots it; how `status` and errors put it.
+DOWN_KINDS = {"kill": "is killed", "power-loss": "has lost power"}
+# `nats-lab fault power-loss all`: the whole site at once.
+ALL_HOSTS = "all"
+# /dev/fuse (misc major 10, minor 229): whoever holds it open serves a FUSE mount.
+FUSE_DEVICE = os.makedev(10, 229)
 # NATS's cluster port, cut by cut-routes unless told another.
 ROUTE_PORT = 6222
 UNIT = "nats-server.service"
@@ -51,6 +62,11 @@ def save(lab: Lab, faults: Faults) -> None:
 
 def active(lab: Lab, host: Host) -> list[str]:
     return sorted(load(lab).get(host.name, {}))
+
+
+def down_kinds(lab: Lab, host: Host) -> list[str]:
+    """The active faults that keep HOST down (kill, power-loss)."""
+    return [kind for kind in active(lab, host) if kind in DOWN_KINDS]
 
 
 def isolated_hosts(lab: Lab, faults: Faults) -> list[Host]:
@@ -88,14 +104,21 @@ def cimnfs_mounts(lab: Lab, host: Host) -> list[str]:
     return [fields[1] for fields in (line.split() for line in out.splitlines()) if fields[2] == kind]
 
 
+def _refuse_if_down(host: Host, mine: dict[str, Any]) -> None:
+    for down, words in DOWN_KINDS.items():
+        if down in mine:
+            raise LabError(f"{host.name} {words}; heal it first")
+
+
 def inject(lab: Lab, kind: str, host: Host, port: int = ROUTE_PORT) -> str:
     """Start fault KIND on HOST (PORT: the one cut-routes cuts); return a one-line description."""
+    if kind == "power-loss":
+        return power_loss(lab, [host])
     faults = load(lab)
     mine = faults.setdefault(host.name, {})
     if kind in mine:
         return f"{kind} on {host.name} is already active"
-    if "kill" in mine:
-        raise LabError(f"{host.name} is killed; heal it first")
+    _refuse_if_down(host, mine)
     if kind == "stop":
         _remote(lab, host, f"systemctl stop {UNIT}", f"systemctl stop {UNIT}")
         mine[kind] = {}
@@ -134,6 +157,120 @@ def inject(lab: Lab, kind: str, host: Host, port: int = ROUTE_PORT) -> str:
         raise LabError(f"unknown fault kind {kind!r}; valid kinds: {', '.join(KINDS)}")
     save(lab, faults)
     return message
+
+
+@dataclass(frozen=True)
+class PowerCut:
+    """What is killed when HOST loses power, found before anything is touched."""
+
+    host: Host
+    init_pid: int
+    launcher_pid: int
+    fuse_daemons: tuple[int, ...]
+
+
+def fuse_daemons(host: Host) -> list[int]:
+    """The processes in HOST's cgroups that hold /dev/fuse open: its FUSE daemons (mount.cimnfs)."""
+    found = []
+    for pid in hosts.cgroup_pids(host):
+        try:
+            entries = list(Path(f"/proc/{pid}/fd").iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                # readlink asks no file system; stat (through to the open file) only for /dev/fuse,
+                # not for files on the FUSE mount, whose stat would be a request to the daemon.
+                if os.path.basename(os.readlink(entry)) != "fuse":
+                    continue
+                st = entry.stat()
+            except OSError:
+                continue
+            if stat.S_ISCHR(st.st_mode) and st.st_rdev == FUSE_DEVICE:
+                found.append(pid)
+                break
+    return found
+
+
+def freeze(host: Host, frozen: bool) -> bool:
+    """Freeze (or thaw) HOST's whole cgroup v2 tree; False where the kernel offers no cgroup.freeze."""
+    for directory in launcher.cgroup_dirs(hosts.cgroup_name(host)):
+        control = directory / "cgroup.freeze"
+        if control.exists():
+            try:
+                control.write_text("1\n" if frozen else "0\n")
+            except OSError:
+                return False
+            return True
+    return False
+
+
+def power_loss(lab: Lab, targets: list[Host]) -> str:
+    """Cut the power of TARGETS at one instant; return a one-line description.
+
+    A power cut writes nothing back, so the order matters: every target is frozen first
+    (cgroup v2 freezer: nothing in it runs on), then every FUSE daemon is SIGKILLed and gone
+    (the NFS client's cache, mount.cimnfs's dirty overlay, dies unwritten), and only then
+    each container's init (the kernel kills the rest of its PID namespace). Killed the other
+    way round, dying processes close their files, and a close flushes on NFS.
+    """
+    faults = load(lab)
+    already = [h for h in targets if any(k in DOWN_KINDS for k in faults.get(h.name, {}))]
+    victims = [h for h in targets if h not in already]
+    skipped = f" ({', '.join(h.name for h in already)} already down)" if already else ""
+    if not victims:
+        return f"power-loss: {', '.join(h.name for h in targets)} already down"
+    cuts = []
+    for host in victims:
+        init, parent = hosts.init_pid(lab, host), hosts.launcher_pid(lab, host)
+        if init is None or parent is None:
+            raise LabError(f"{host.name} is not running")
+        cuts.append(PowerCut(host, init, parent, tuple(fuse_daemons(host))))
+    at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    site = len(cuts) > 1
+    # Recorded before the kill, so nothing mistakes the exit for a crash to recover from.
+    for cut in cuts:
+        faults.setdefault(cut.host.name, {})["power-loss"] = {
+            "init_pid": cut.init_pid,
+            "fuse_daemons": list(cut.fuse_daemons),
+            "site": site,
+            "at": at,
+        }
+    save(lab, faults)
+    frozen: list[Host] = []
+    try:
+        frozen = [cut.host for cut in cuts if freeze(cut.host, True)]
+        daemons = [pid for cut in cuts for pid in cut.fuse_daemons]
+        for pid in daemons:
+            kill(pid, signal.SIGKILL)
+        left = wait_gone(daemons, 10)
+        if left:
+            raise LabError(f"FUSE daemons {left} still running after SIGKILL; hosts left as they are")
+        for cut in cuts:
+            kill(cut.init_pid, signal.SIGKILL)
+    finally:
+        for host in frozen:
+            freeze(host, False)
+    stuck = wait_gone([cut.launcher_pid for cut in cuts], 15)
+    if stuck:
+        raise LabError(f"launchers {stuck} still running after the power cut")
+    names = ", ".join(cut.host.name for cut in cuts)
+    how = "frozen, then " if len(frozen) == len(cuts) else ""
+    return (
+        f"power cut on {names}{' at once' if site else ''}{skipped}: {how}"
+        f"{len(daemons)} FUSE daemon(s) and the host(s) SIGKILLed; unsynced writes on the share are lost"
+    )
+
+
+def _boot_again(lab: Lab, host: Host, base_dir: Path | None, mine: dict[str, Any]) -> str:
+    """Start a host that is down (kill, power-loss) as `up` does; it mounts its fstab at boot."""
+    if base_dir is None:
+        raise LabError(f"cannot restart {host.name}: the lab's base image is unknown")
+    hosts.start(lab, host, base_dir)
+    result = hosts.wait_booted(lab, host)
+    # A boot also cleared the stale flags (in /run) and remounted from fstab.
+    mine.pop("stale-storage", None)
+    return f"booted again ({result.state}, {result.seconds:.1f}s)"
 
 
 # Runs on the host as root with PARAMS prepended: what an operator does after a stale handle.
@@ -204,15 +341,16 @@ def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
             del mine[kind]
             apply_network(lab, faults)
             done.append(f"{host.name}: network restored ({kind})")
-        elif kind == "kill":
-            if base_dir is None:
-                raise LabError("cannot restart a killed host: the lab's base image is unknown")
-            hosts.start(lab, host, base_dir)
-            result = hosts.wait_booted(lab, host)
+        elif kind == "power-loss":
+            booted = _boot_again(lab, host, base_dir, mine)
+            mounts = cimnfs_mounts(lab, host)
+            shares = f"share mounted: {', '.join(mounts)}" if mounts else f"no {cimnfs.FSTYPE} mount"
             del mine[kind]
-            # A reboot also cleared the stale flags (in /run) and remounted from fstab.
-            mine.pop("stale-storage", None)
-            done.append(f"{host.name}: booted again ({result.state}, {result.seconds:.1f}s)")
+            done.append(f"{host.name}: power back, {booted}; {shares}")
+        elif kind == "kill":
+            booted = _boot_again(lab, host, base_dir, mine)
+            del mine[kind]
+            done.append(f"{host.name}: {booted}")
         elif kind == "stale-storage":
             mounts = list(mine[kind]["mounts"])
             # Someone (the remount runbook) already replaced the stale mounts: only forget the fault.
@@ -235,6 +373,12 @@ def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
 
 
 def heal(lab: Lab, targets: list[Host], base_dir: Path | None) -> list[str]:
+    # Power comes back for all of them at once: start every host that lost it, then heal in order.
+    faults = load(lab)
+    if base_dir is not None:
+        for host in targets:
+            if "power-loss" in faults.get(host.name, {}):
+                hosts.start(lab, host, base_dir)
     done: list[str] = []
     for host in targets:
         for line in heal_host(lab, host, base_dir):

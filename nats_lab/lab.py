@@ -211,6 +211,6 @@ def print_summary(lab: Lab) -> None:
 
 def require_up(lab: Lab, host: Host) -> None:
     if not net.bridge_exists(lab) or hosts.launcher_pid(lab, host) is None:
-        if "kill" in faults.active(lab, host):
-            raise LabError(f"{host.name} is killed (fault); run: nats-lab heal {host.name}")
+        for kind in faults.down_kinds(lab, host):
+            raise LabError(f"{host.name} {faults.DOWN_KINDS[kind]} (fault); run: nats-lab heal {host.name}")
         raise LabError("the lab is not up; run: nats-lab up")

@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from nats_lab import mirror
+from nats_lab import cimnfs, mirror
 from nats_lab.config import Host, Lab, find_repo, load_lab
 
 pytestmark = pytest.mark.lab
@@ -289,6 +289,98 @@ def test_kill_fault_and_heal_keeps_the_host_state(lab: Lab) -> None:
     out = ok(on(target.name, "cat /var/tmp/labtool-marker /proc/sys/kernel/random/boot_id"))
     assert out.split()[0] == "kept"
     assert out.split()[1] != boot_id.strip()
+
+
+def _lab_runs_this_stand_in(host: str) -> None:
+    """The hosts come from the base image made with mount.cimnfs as it was then: refuse an old one."""
+    here = hashlib.sha256(Path(cimnfs.__file__).read_bytes()).hexdigest()
+    there = ok(on(host, "sha256sum /usr/sbin/mount.cimnfs")).split()[0]
+    if there != here:
+        pytest.fail("the lab hosts run an older mount.cimnfs: run `nats-lab down` (then the tests bring it up anew)")
+
+
+WRITER = """
+import os, time
+mp = {mp!r}
+unsynced = os.open(mp + "/unsynced", os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(unsynced, b"u" * 200000)
+synced = os.open(mp + "/synced", os.O_WRONLY | os.O_CREAT, 0o644)
+os.write(synced, b"s" * 200000)
+os.fsync(synced)
+os.write(synced, b"after the fsync")
+open({ready!r}, "w").close()
+time.sleep(600)  # both files stay open: no close flushes them
+"""
+
+
+def test_power_loss_keeps_fsynced_writes_and_loses_unsynced_ones(lab: Lab) -> None:
+    host = lab.hosts[1]
+    _lab_runs_this_stand_in(host.name)
+    name = f"labtool-power-{uuid.uuid4().hex[:8]}"
+    mp, backing, ready = f"/mnt/{name}", lab.share_dir / name, f"/run/{name}.ready"
+    fstab = f"cimstor:{EXPORT}/{name} {mp} cimnfs {PRODUCTION_NFS_OPTIONS} 0 0"
+    script = WRITER.format(mp=mp, ready=ready)
+    try:
+        ok(
+            on(
+                host.name,
+                f"""
+set -e
+mkdir -p {EXPORT}/{name} {mp}
+echo '{fstab}' >> /etc/fstab
+systemctl daemon-reload
+mount {mp}
+cat > /tmp/{name}.py <<'PY'
+{script}
+PY
+systemd-run --unit={name} python3 /tmp/{name}.py
+for i in $(seq 100); do test -e {ready} && exit 0; sleep 0.1; done
+echo "writer not ready" >&2; exit 1
+""",
+            )
+        )
+        # Before the cut: the share has the fsynced bytes only, the host sees both files whole.
+        assert (backing / "synced").read_bytes() == b"s" * 200000
+        assert (backing / "unsynced").read_bytes() == b""
+        assert ok(on(host.name, f"stat -c %s {mp}/unsynced {mp}/synced")).split() == ["200000", "200015"]
+        out = ok(nats_lab("fault", "power-loss", host.name))
+        assert "power cut on " + host.name in out
+        status = json.loads(nats_lab("status", "--json").stdout)
+        info = next(h for h in status["hosts"] if h["name"] == host.name)
+        assert (info["running"], info["faults"]) == (False, ["power-loss"])
+        assert "lost power" in nats_lab("ssh", host.name, "--", "true").stderr
+        # What the share kept: the fsynced bytes exactly; the unsynced file exists (create is synchronous), empty.
+        assert (backing / "synced").read_bytes() == b"s" * 200000
+        assert (backing / "unsynced").read_bytes() == b""
+        healed = ok(nats_lab("heal", host.name))
+        assert f"{host.name}: power back" in healed and mp in healed
+        # Booted again, its fstab mounted the share, and the host reads what the share kept.
+        out = ok(on(host.name, f"grep -c ' {mp} fuse.cimnfs ' /proc/mounts; stat -c %s {mp}/synced {mp}/unsynced"))
+        assert out.split() == ["1", "200000", "0"]
+    finally:
+        nats_lab("heal", host.name)  # a no-op unless the test stopped half way
+        on(
+            host.name,
+            f"systemctl stop {name} 2>/dev/null; umount -l {mp}; rmdir {mp}; rm -f /tmp/{name}.py {ready}; "
+            f"grep -v ' {mp} ' /etc/fstab > /etc/fstab.{name} && cat /etc/fstab.{name} > /etc/fstab; "
+            f"rm -f /etc/fstab.{name}; systemctl daemon-reload",
+        )
+        shutil.rmtree(backing, ignore_errors=True)
+
+
+def test_power_loss_of_the_whole_site_and_heal(lab: Lab) -> None:
+    boot_ids = {h.name: ok(on(h.name, "cat /proc/sys/kernel/random/boot_id")).strip() for h in lab.hosts}
+    try:
+        out = ok(nats_lab("fault", "power-loss", "all"))
+        assert "at once" in out
+        status = json.loads(nats_lab("status", "--json").stdout)
+        assert [(h["running"], h["faults"]) for h in status["hosts"]] == [(False, ["power-loss"])] * len(lab.hosts)
+    finally:
+        healed = ok(nats_lab("heal"))
+    assert healed.count("power back") == len(lab.hosts)
+    for host in lab.hosts:
+        assert ok(on(host.name, "cat /proc/sys/kernel/random/boot_id")).strip() != boot_ids[host.name]
+    assert json.loads(nats_lab("status", "--json").stdout)["up"] is True
 
 
 def test_reboot_inside_a_host_boots_it_again(lab: Lab) -> None:

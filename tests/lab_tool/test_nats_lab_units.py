@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
+from unittest import mock
 
 import pytest
 
-from nats_lab import cimnfs, cli, mirror, net
-from nats_lab.config import LabError, find_repo, load_lab
+from nats_lab import cimnfs, cli, faults, hosts, mirror, net
+from nats_lab import lab as labmod
+from nats_lab.config import Host, Lab, LabError, find_repo, load_lab
 
 PRODUCTION_NFS_OPTIONS = "rw,hard,noatime,nfsvers=4.2,timeo=600,retrans=2,_netdev"
 
@@ -165,3 +170,175 @@ def test_cli_unknown_fault_kind(capsys: pytest.CaptureFixture[str]) -> None:
     err = capsys.readouterr().err
     assert "unknown fault kind 'explode'" in err
     assert "stale-storage" in err
+
+
+# --- power-loss: recorded, ordered and healed without a lab ----------------------------------
+@pytest.fixture
+def fake_lab(tmp_path: Path) -> Lab:
+    """The lab's layout with its state dir in tmp (nothing of the real .lab/ is touched)."""
+    lab = dataclasses.replace(load_lab(find_repo()), repo=tmp_path)
+    lab.state.mkdir()
+    return lab
+
+
+@pytest.fixture
+def machine(monkeypatch: pytest.MonkeyPatch, fake_lab: Lab) -> list[tuple[str, Any]]:
+    """Hosts that 'run' (pids made up) and a log of what the fault does to them, in order."""
+    events: list[tuple[str, Any]] = []
+    pids = {h.name: 1000 * (i + 1) for i, h in enumerate(fake_lab.hosts)}
+    down: set[str] = set()
+    monkeypatch.setattr(hosts, "init_pid", lambda lab, h: None if h.name in down else pids[h.name] + 1)
+    monkeypatch.setattr(hosts, "launcher_pid", lambda lab, h: None if h.name in down else pids[h.name])
+    monkeypatch.setattr(faults, "fuse_daemons", lambda h: [pids[h.name] + 50])
+
+    def freeze(host: Host, frozen: bool) -> bool:
+        events.append(("freeze" if frozen else "thaw", host.name))
+        return True
+
+    monkeypatch.setattr(faults, "freeze", freeze)
+
+    def kill(pid: int, sig: int) -> None:
+        events.append(("kill", pid))
+        for name, base in pids.items():
+            if pid == base + 1:
+                down.add(name)
+
+    monkeypatch.setattr(faults, "kill", kill)
+    monkeypatch.setattr(faults, "wait_gone", lambda pids, timeout: [])
+    return events
+
+
+def test_power_loss_of_the_site_kills_every_fuse_daemon_before_any_host(
+    fake_lab: Lab, machine: list[tuple[str, Any]]
+) -> None:
+    message = faults.power_loss(fake_lab, list(fake_lab.hosts))
+    names = [h.name for h in fake_lab.hosts]
+    assert "power cut on nats-1, nats-2, nats-3 at once" in message
+    assert machine == [
+        *(("freeze", n) for n in names),
+        ("kill", 1050),
+        ("kill", 2050),
+        ("kill", 3050),
+        ("kill", 1001),
+        ("kill", 2001),
+        ("kill", 3001),
+        *(("thaw", n) for n in names),
+    ]
+    recorded = faults.load(fake_lab)
+    assert sorted(recorded) == names
+    for i, name in enumerate(names):
+        detail = recorded[name]["power-loss"]
+        assert detail["init_pid"] == 1000 * (i + 1) + 1
+        assert detail["fuse_daemons"] == [1000 * (i + 1) + 50]
+        assert detail["site"] is True
+    # Down hosts are skipped, and other faults refused until heal.
+    assert "already down" in faults.power_loss(fake_lab, list(fake_lab.hosts))
+    with pytest.raises(LabError, match="nats-1 has lost power; heal it first"):
+        faults.inject(fake_lab, "stop", fake_lab.hosts[0])
+    assert faults.down_kinds(fake_lab, fake_lab.hosts[0]) == ["power-loss"]
+
+
+def test_power_loss_of_one_host_leaves_the_others(fake_lab: Lab, machine: list[tuple[str, Any]]) -> None:
+    target = fake_lab.hosts[1]
+    assert "power cut on nats-2:" in faults.inject(fake_lab, "power-loss", target)
+    assert machine == [("freeze", "nats-2"), ("kill", 2050), ("kill", 2001), ("thaw", "nats-2")]
+    assert faults.load(fake_lab) == {
+        "nats-2": {"power-loss": {"init_pid": 2001, "fuse_daemons": [2050], "site": False, "at": mock.ANY}}
+    }
+    # With one host down already, `all` cuts the rest and says so.
+    machine.clear()
+    message = faults.power_loss(fake_lab, list(fake_lab.hosts))
+    assert "nats-1, nats-3 at once (nats-2 already down)" in message
+    assert ("kill", 2001) not in machine
+
+
+def test_power_loss_refuses_a_host_that_is_not_running(
+    fake_lab: Lab, machine: list[tuple[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(hosts, "init_pid", lambda lab, h: None)
+    with pytest.raises(LabError, match="nats-1 is not running"):
+        faults.power_loss(fake_lab, list(fake_lab.hosts))
+    assert machine == [] and faults.load(fake_lab) == {}
+
+
+def test_heal_brings_power_back_to_every_host_at_once(
+    fake_lab: Lab, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    names = [h.name for h in fake_lab.hosts]
+    state = {n: {"power-loss": {"init_pid": 1, "site": True}, "stale-storage": {"mounts": ["/m"]}} for n in names}
+    faults.save(fake_lab, state)
+    events: list[tuple[str, str]] = []
+    monkeypatch.setattr(hosts, "start", lambda lab, h, base: events.append(("start", h.name)))
+
+    def wait_booted(lab: Lab, host: Host) -> hosts.BootResult:
+        events.append(("booted", host.name))
+        return hosts.BootResult(host, "running", (), 1.5)
+
+    monkeypatch.setattr(hosts, "wait_booted", wait_booted)
+    monkeypatch.setattr(faults, "cimnfs_mounts", lambda lab, h: ["/mnt/cimstor-jetstream"])
+    done = faults.heal(fake_lab, list(fake_lab.hosts), fake_lab.repo)
+    # Every host is started before the first one is waited for: the power comes back everywhere.
+    assert events[:3] == [("start", n) for n in names]
+    assert [e for e in events if e[0] == "booted"] == [("booted", n) for n in names]
+    assert done == [
+        f"{n}: power back, booted again (running, 1.5s); share mounted: /mnt/cimstor-jetstream" for n in names
+    ]
+    # The boot cleared the stale flags too (they live in /run): nothing is left to heal.
+    assert faults.load(fake_lab) == {}
+    assert "power back" in capsys.readouterr().out
+
+
+def test_heal_order_boots_a_host_before_its_storage_or_service() -> None:
+    order = faults.HEAL_ORDER
+    assert set(order) == set(faults.KINDS)
+    for network in ("isolate", "cut-routes"):  # ssh must reach the host to see it booted
+        assert order.index(network) < order.index("power-loss")
+    for needs_host in ("stale-storage", "stop"):
+        assert order.index("power-loss") < order.index(needs_host)
+        assert order.index("kill") < order.index(needs_host)
+
+
+@pytest.fixture
+def repo_copy(tmp_path: Path) -> Path:
+    """A checkout with only the lab inventory, for `nats-lab --repo` (its .lab/ is in tmp)."""
+    inventory = find_repo() / "inventory/lab"
+    shutil.copytree(inventory, tmp_path / "inventory/lab")
+    return tmp_path
+
+
+def test_cli_power_loss_all_targets_every_host(repo_copy: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    monkeypatch.setattr(cli, "require_root", lambda: None)
+
+    def power_loss(lab: Lab, targets: list[Host]) -> str:
+        calls.append([h.name for h in targets])
+        return "cut"
+
+    monkeypatch.setattr(labmod, "require_up", lambda lab, host: calls.append(["up", host.name]))
+    monkeypatch.setattr(faults, "power_loss", power_loss)
+    assert cli.main(["--repo", str(repo_copy), "fault", "power-loss", "all"]) == 0
+    assert calls == [["up", "nats-1"], ["up", "nats-2"], ["up", "nats-3"], ["nats-1", "nats-2", "nats-3"]]
+    calls.clear()
+    assert cli.main(["--repo", str(repo_copy), "fault", "power-loss", "nats-3"]) == 0
+    assert calls == [["up", "nats-3"], ["nats-3"]]
+
+
+def test_cli_all_is_for_power_loss_only(
+    repo_copy: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "require_root", lambda: None)
+    assert cli.main(["--repo", str(repo_copy), "fault", "stop", "all"]) == 1
+    assert "'all' is for power-loss only" in capsys.readouterr().err
+    assert "power-loss" in cli._parser().format_help()
+
+
+def test_status_shows_a_host_without_power() -> None:
+    host = {"name": "nats-2", "address": "10.231.20.12", "running": False, "init_pid": None, "ssh": False}
+    data = {
+        "bridge": {"name": "br-cimlab", "exists": True, "up": True, "address": "10.231.20.1/24"},
+        "mirror": {"running": True, "listening": True, "url": "http://10.231.20.1:8088"},
+        "hosts": [{**host, "system": None, "nats_server": None, "faults": ["power-loss"]}],
+        "up": False,
+    }
+    row = next(line for line in labmod.format_status(data).splitlines() if line.startswith("nats-2"))
+    assert row.split()[2] == "stopped" and row.split()[-1] == "power-loss"
