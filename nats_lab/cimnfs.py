@@ -45,6 +45,13 @@ so it loses a superset of what a real client would. libfuse 2 (fusepy) cannot en
 kernel's FUSE writeback cache, so every write(2) reaches this daemon before it returns; the
 kernel keeps only clean copies (dropped on open, as no keep_cache is set).
 
+Attributes and names are cached by the kernel for 1 s (attr_timeout, entry_timeout), as an
+NFS client caches them (acregmin 3 s and acdirmin 30 s by default): without that every path
+component of every call came here, 480 lookups per JetStream consumer created, and the three
+daemons took more CPU than the three servers. A write still invalidates its file's attributes,
+and every open, read, write and metadata change still reaches this daemon (and its stale check).
+POSIX locks are left to the kernel (no ``lock`` operation), as for one NFS client.
+
 With a stale mount (above) the dirty data is lost with it, as on NFS: flush and fsync fail
 with ESTALE, and the last release drops the overlay instead of writing it back.
 
@@ -468,7 +475,7 @@ def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
 class CimNfs:
     """The operations for fusepy (raw_fi mode: file ops get the fuse_file_info).
 
-    fusepy runs them on several threads (nothreads=False): ``lock`` guards the overlay
+    fusepy runs them on several threads (nothreads=False): ``mutex`` guards the overlay
     (files, handles, dirty); backing-file fsyncs run outside it, on a dup of the descriptor.
     """
 
@@ -492,7 +499,8 @@ class CimNfs:
         self.stale = False
         self.as_root = os.geteuid() == 0
         self.dirty_limit = dirty_limit
-        self.lock = threading.Lock()
+        # Not named ``lock``: fusepy would take it for the POSIX-lock operation and answer EINVAL.
+        self.mutex = threading.Lock()
         self.files: dict[Key, OpenFile] = {}
         self.handles: dict[int, Handle] = {}
         self.dirty = 0  # bytes in all overlays of this mount
@@ -542,7 +550,7 @@ class CimNfs:
         FORCE: fsync even if nothing went to the backing file since the last fsync (fsync(2)).
         A write that fails leaves its bytes dirty, for the next sync point to retry.
         """
-        with self.lock:
+        with self.mutex:
             if of.retired:
                 return
             while of.extents:
@@ -567,7 +575,7 @@ class CimNfs:
             else:
                 os.fsync(fd)
         except OSError:
-            with self.lock:
+            with self.mutex:
                 of.unsynced = True
             raise
         finally:
@@ -576,7 +584,7 @@ class CimNfs:
     def _balance_dirty(self) -> None:
         """Above dirty_limit: write back the oldest-dirtied files until half of it is left."""
         while True:
-            with self.lock:
+            with self.mutex:
                 if self.dirty <= self.dirty_limit // 2:
                     return
                 dirty = [of for of in self.files.values() if of.extents]
@@ -593,7 +601,7 @@ class CimNfs:
         except OSError as exc:
             print(f"mount.cimnfs: write-back of inode {of.key[1]} failed: {exc}", file=sys.stderr)
         finally:
-            with self.lock:
+            with self.mutex:
                 # A stale mount's dirty data is lost with it, as on an NFS client.
                 self.dirty -= of.extents.clear()
                 of.retired = True
@@ -603,7 +611,7 @@ class CimNfs:
 
     def _sync_before_setattr(self, real: str, fh: Any = None) -> None:
         """nfs_setattr: a regular file's dirty data is written and committed before any change."""
-        with self.lock:
+        with self.mutex:
             if fh:
                 of = self._open_file(fh.fh)
             else:
@@ -629,7 +637,7 @@ class CimNfs:
         st = os.fstat(fd)
         key = (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
         handle = Handle(fd, key, writable=flags & os.O_ACCMODE != os.O_RDONLY, stable=flags & STABLE_FLAGS)
-        with self.lock:
+        with self.mutex:
             self.handles[fd] = handle
             if key is not None:
                 of = self.files.get(key)
@@ -649,7 +657,7 @@ class CimNfs:
             print(f"mount.cimnfs: cannot record the daemon's pid: {exc}", file=sys.stderr)
 
     def destroy(self, path: str) -> None:
-        with self.lock:
+        with self.mutex:
             left = list(self.files.values())
             self.files.clear()
         for of in left:
@@ -661,7 +669,7 @@ class CimNfs:
         attrs: dict[str, Any] = {key: getattr(st, key) for key in STAT_KEYS}
         attrs.update(st_atime=st.st_atime_ns, st_mtime=st.st_mtime_ns, st_ctime=st.st_ctime_ns)
         if stat.S_ISREG(st.st_mode):
-            with self.lock:
+            with self.mutex:
                 of = self.files.get((st.st_dev, st.st_ino))
                 if of is not None and of.extents:
                     # What the client's own cache implies: its size, and the time of its last write.
@@ -783,7 +791,7 @@ class CimNfs:
         return 0
 
     def read(self, path: str, size: int, offset: int, fi: Any) -> bytes:
-        with self.lock:
+        with self.mutex:
             of = self._open_file(fi.fh)
             if of is not None and of.extents:
                 # Read-your-writes: the backing bytes with the overlay on top, up to its size.
@@ -801,7 +809,7 @@ class CimNfs:
         handle = self.handles.get(fi.fh)
         if handle is None or handle.key is None:
             return os.pwrite(fi.fh, data, offset)
-        with self.lock:
+        with self.mutex:
             of = self.files[handle.key]
             if of.wfd < 0:
                 of.wfd = os.dup(fi.fh)
@@ -825,13 +833,13 @@ class CimNfs:
         handle = self.handles.get(fi.fh)
         if handle is None or not handle.writable:
             return
-        with self.lock:
+        with self.mutex:
             of = self._open_file(fi.fh)
         if of is not None:
             self._write_back(of, sync_fd=fi.fh)
 
     def fsync(self, path: str, datasync: int, fi: Any) -> None:
-        with self.lock:
+        with self.mutex:
             of = self._open_file(fi.fh)
         if of is None:
             if datasync:
@@ -844,7 +852,7 @@ class CimNfs:
     def release(self, path: str, fi: Any) -> None:
         fd = fi.fh
         retire = None
-        with self.lock:
+        with self.mutex:
             handle = self.handles.pop(fd, None)
             of = self.files.get(handle.key) if handle is not None and handle.key is not None else None
             if of is not None:
@@ -961,8 +969,8 @@ def main(argv: list[str] | None = None) -> int:
             use_ino=True,
             big_writes=True,
             max_write=131072,
-            attr_timeout=0,
-            entry_timeout=0,
+            attr_timeout=1,
+            entry_timeout=1,
             negative_timeout=0,
             fsname=inv.source,
             subtype=FSTYPE,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import random
 import shutil
@@ -680,6 +681,29 @@ def test_every_write_reaches_the_daemon_before_it_returns(mount: Callable[..., M
     assert done.wait(10)
     thread.join()
     assert Path(m.path("f")).read_bytes() == b"warmblocked"
+
+
+@fuse
+def test_posix_locks_work_on_the_mount(mount: Callable[..., Mount], tmp_path: Path) -> None:
+    """fcntl locks are granted and conflict as on a local file (nats-server takes them on its
+    store): the kernel keeps them, as NFS's lock manager would for this one client."""
+    m = mount()
+    fd = m.open("locked", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    other = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'r+'), fcntl.LOCK_EX | fcntl.LOCK_NB)",
+            m.path("locked"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert other.returncode != 0 and "Resource temporarily unavailable" in other.stderr, other.stderr
+    fcntl.lockf(fd, fcntl.LOCK_UN)
 
 
 @fuse
