@@ -38,6 +38,8 @@ LAB_ONLY_DIFFERENCES = {
     # Shorter than production's on purpose: clients are moved away sooner (harsher), and every
     # restart with clients connected costs the suite this long (inventory/lab site.yml).
     "nats_server_lame_duck_grace_period_seconds",
+    # The lab's backup sets go under the checkout's build/ (production: /var/backups/nats-jetstream).
+    "jetstream_backup_dir",
 }
 
 
@@ -78,7 +80,13 @@ def test_lab_addresses_stay_in_the_lab_subnet() -> None:
         assert settings["lab_bridge_address"] == "10.231.20.1/24"
 
 
-@pytest.mark.parametrize("role", ["nats_server", "jetstream_storage", "jetstream_streams", "nats_pki", "client_bundle"])
+# Each role's public variables carry its name; jetstream_backup's restore options read as such.
+PREFIXES = {"jetstream_backup": ("jetstream_backup_", "jetstream_restore_")}
+
+
+@pytest.mark.parametrize(
+    "role", ["nats_server", "jetstream_storage", "jetstream_streams", "nats_pki", "client_bundle", "jetstream_backup"]
+)
 def test_argument_specs_document_every_default(role: str) -> None:
     defaults = role_defaults(role)
     specs = yaml.safe_load((REPO / "roles" / role / "meta" / "argument_specs.yml").read_text())
@@ -92,7 +100,7 @@ def test_argument_specs_document_every_default(role: str) -> None:
             assert "default" not in spec and name not in defaults, name
         if "default" in spec:
             assert spec["default"] == defaults[name], name
-        assert name.startswith(f"{role}_")
+        assert name.startswith(PREFIXES.get(role, (f"{role}_",))), name
 
 
 PLAYBOOKS = sorted(str(p.relative_to(REPO / "playbooks")) for p in (REPO / "playbooks").glob("**/*.yml"))

@@ -225,6 +225,8 @@ def test_a_valid_unusual_inventory_passes_preflight(case: str, tmp_path: Path) -
         "remediate/remount-storage.yml",
         "remediate/reset-jetstream.yml",
         "remediate/purge-consumers.yml",
+        "backup-streams.yml",
+        "remediate/restore-streams.yml",
     ],
 )
 def test_a_play_limited_to_part_of_the_cluster_is_refused_before_touching_hosts(playbook: str, tmp_path: Path) -> None:
