@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import nats
 from nats.js.api import StorageType, StreamConfig
 
-from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook, wait_healthy
+from tests.helpers import LAB_INVENTORY, delete_stream, nats_lab, run_playbook, wait_healthy
 from verify.inventory import Cluster, load_cluster
 from verify.load import connect
 
@@ -145,7 +145,7 @@ def measure(cluster: Cluster, label: str, setting: str, writers: int, seconds: f
         stored, run.note = set(), f"{run.note} stream unreadable: {type(error).__name__} {error}".strip()
     run.stored = len(stored)
     run.lost = len(run.acked - stored)
-    asyncio.run(_drop_stream(cluster))
+    delete_stream(cluster, STREAM)
     wait_healthy(cluster)
     return run
 
@@ -164,7 +164,7 @@ def main() -> None:
     policies = [("NATS default (2m)", DEFAULT), (f"sync_interval {candidate or 'default'}", candidate)]
     runs = [measure(cluster, label, setting, args.writers, args.seconds) for label, setting in policies]
     deploy(None)
-    asyncio.run(_drop_stream(cluster))
+    delete_stream(cluster, STREAM)
     base = runs[0]
     print(f"\nPower cut to all three lab hosts after {args.seconds:g} s of {args.writers} writers (R3 file stream)")
     print(f"deployed sync_interval: {deployed or '(server default)'}")
@@ -185,15 +185,6 @@ def main() -> None:
         )
     if base.lost == 0:
         print("NOTE: the default lost nothing: the fault did not catch unsynced writes (see docs/storage.md)")
-
-
-async def _drop_stream(cluster: Cluster) -> None:
-    nc = await connect(cluster, "durability-bench")
-    try:
-        with contextlib.suppress(nats.js.errors.NotFoundError):
-            await nc.jetstream(timeout=10).delete_stream(STREAM)
-    finally:
-        await nc.close()
 
 
 if __name__ == "__main__":

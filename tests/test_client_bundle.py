@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, ansible_env, run_playbook
-from tests.offline import REFUSING_SSH
+from tests.offline import refusing_ssh
 from verify.inventory import Cluster, load_cluster
 
 pytestmark = pytest.mark.slow
@@ -50,11 +50,7 @@ class Bundle:
 
 def bundle_run(tmp_path: Path, *args: str) -> Run:
     """client-bundle.yml on the lab inventory with the offline CA and an ssh that refuses."""
-    log = tmp_path / "ssh-calls.log"
-    log.touch()
-    refuser = tmp_path / "ssh-refuser"
-    refuser.write_text(REFUSING_SSH.format(log=log))
-    refuser.chmod(0o755)
+    refuser, log = refusing_ssh(tmp_path)
     result = run_playbook(
         "client-bundle.yml",
         LAB_INVENTORY,
