@@ -6,7 +6,7 @@ from __future__ import annotations
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -21,28 +21,44 @@ def free_port() -> int:
 
 
 @contextmanager
+def running_server(workdir: Path, config: Callable[[int, int], str]) -> Iterator[int]:
+    """A nats-server from `config(client_port, http_port)` (written to WORKDIR/nats.conf), once
+    /healthz answers 200; yields its client port and stops it afterwards. Its output goes to
+    WORKDIR/nats-server.log, shown when it does not come up."""
+    client, http = free_port(), free_port()
+    conf, log_path = workdir / "nats.conf", workdir / "nats-server.log"
+    conf.write_text(config(client, http))
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([str(NATS_SERVER), "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 10
+            while True:
+                try:
+                    if monitor.healthz(f"http://127.0.0.1:{http}", timeout=0.5).status == 200:
+                        break
+                except monitor.MonitorUnreachable:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"local nats-server did not become healthy in 10 s: {log_path.read_text()[-2000:]}"
+                    )
+                time.sleep(0.05)
+            yield client
+        finally:
+            process.terminate()
+            process.wait(10)
+
+
+@contextmanager
 def local_jetstream(workdir: Path, domain: str = "dgx-phx") -> Iterator[str]:
     """Yields the client URL of a single-node JetStream server; stops it afterwards."""
-    client, http = free_port(), free_port()
-    config = workdir / "nats.conf"
-    config.write_text(
-        f'listen: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
-        f'jetstream {{ store_dir: "{workdir}/store", domain: "{domain}", '
-        "max_memory_store: 64MB, max_file_store: 10GB }\n"
-    )
-    process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if monitor.healthz(f"http://127.0.0.1:{http}", timeout=0.5).status == 200:
-                    break
-            except monitor.MonitorUnreachable:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("local nats-server did not become healthy in 10 s")
-            time.sleep(0.05)
+
+    def config(client: int, http: int) -> str:
+        return (
+            f'listen: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
+            f'jetstream {{ store_dir: "{workdir}/store", domain: "{domain}", '
+            "max_memory_store: 64MB, max_file_store: 10GB }\n"
+        )
+
+    with running_server(workdir, config) as client:
         yield f"nats://127.0.0.1:{client}"
-    finally:
-        process.terminate()
-        process.wait(10)

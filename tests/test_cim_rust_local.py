@@ -15,7 +15,6 @@ import os
 import shutil
 import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,8 @@ from typing import Any
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from tests.helpers import NATS_SERVER, REPO
-from tests.local_nats import free_port
-from verify import monitor
+from tests.helpers import REPO
+from tests.local_nats import running_server
 from verify.client import connect_tls_or_nothing
 
 pytestmark = pytest.mark.slow
@@ -138,30 +136,11 @@ async def create_stream(server: LocalServer) -> None:
 @pytest.fixture(scope="session")
 def local_server(offline_pki: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
     workdir = tmp_path_factory.mktemp("cim-rust-nats")
-    client, http = free_port(), free_port()
-    config = workdir / "nats.conf"
-    config.write_text(server_config(workdir, offline_pki, client, http))
-    log = (workdir / "nats-server.log").open("wb")
-    process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if monitor.healthz(f"http://127.0.0.1:{http}", timeout=0.5).status == 200:
-                    break
-            except monitor.MonitorUnreachable:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"local nats-server did not come up: {(workdir / 'nats-server.log').read_text()}")
-            time.sleep(0.05)
+    with running_server(workdir, lambda client, http: server_config(workdir, offline_pki, client, http)) as client:
         # The certificate names 127.0.0.1 (nats_pki puts loopback in every node's SANs).
         server = LocalServer(url=f"tls://127.0.0.1:{client}", ca=offline_pki / "ca.crt")
         asyncio.run(asyncio.wait_for(create_stream(server), 15))
         yield server
-    finally:
-        process.terminate()
-        process.wait(10)
-        log.close()
 
 
 def run(

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import ssl
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -20,9 +19,9 @@ import pytest
 import yaml
 from nats.aio.client import Client
 
-from tests.helpers import NATS_SERVER, REPO, ansible_env, run_playbook
-from tests.local_nats import free_port
-from verify import client, load, monitor
+from tests.helpers import REPO, ansible_env, run_playbook
+from tests.local_nats import free_port, running_server
+from verify import client, load
 from verify.inventory import Cluster, Login, Node
 from verify.shared_code import module_util
 
@@ -103,27 +102,15 @@ class RecordingProxy:
 @contextmanager
 def nats_server(workdir: Path, extra: str = "") -> Iterator[int]:
     """A nats-server with one user (USER/PASSWORD) and `extra` config; yields its client port."""
-    port, http = free_port(), free_port()
-    config = workdir / "nats.conf"
-    config.write_text(
-        f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{http}"\n'
-        f'authorization {{ user: "{USER}", password: "{PASSWORD}" }}\n{extra}'
-    )
-    process = subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                if monitor.healthz(f"http://127.0.0.1:{http}", timeout=0.5).status == 200:
-                    break
-            except monitor.MonitorUnreachable:
-                pass
-            assert time.monotonic() < deadline, "nats-server did not become healthy in 10 s"
-            time.sleep(0.05)
+
+    def config(port: int, http: int) -> str:
+        return (
+            f'listen: "127.0.0.1:{port}"\nhttp: "127.0.0.1:{http}"\n'
+            f'authorization {{ user: "{USER}", password: "{PASSWORD}" }}\n{extra}'
+        )
+
+    with running_server(workdir, config) as port:
         yield port
-    finally:
-        process.terminate()
-        process.wait(10)
 
 
 @pytest.fixture(scope="module")
