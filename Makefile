@@ -17,9 +17,10 @@ export PATH := $(CURDIR)/$(BIN):$(PATH):$(HOME)/.cargo/bin
 # Production's vault ids come from the operator (--vault-id phx@prompt).
 export ANSIBLE_VAULT_IDENTITY_LIST ?= lab@$(CURDIR)/inventory/lab.vault-password
 
-# The CIM's own client (Rust, async-nats 0.33) and the nats.js check: built outside the checkout.
+# The CIM's own client (Rust, async-nats 0.33), the nats.js check and natscli: built outside the checkout.
 include clients/rust.mk
 include clients/node.mk
+include clients/natscli.mk
 
 .PHONY: help setup lab-deps clients lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
 
@@ -46,7 +47,7 @@ lab-deps:
 	fi
 
 # The clients the tests and benchmarks run against the lab, as their users have them.
-clients: rust-client node-client
+clients: rust-client node-client natscli
 
 lab-up: setup lab-deps
 	$(BIN)/nats-lab up

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from functools import cache
@@ -60,6 +61,31 @@ def node_client_dir() -> Path:
         if installed.returncode != 0:
             raise RuntimeError(f"npm ci in clients/node failed:\n{installed.stderr[-4000:]}")
     return NODE_DIR
+
+
+NATSCLI_MAKEFILE = REPO / "clients" / "natscli.mk"
+
+
+@cache
+def natscli_binary() -> Path:
+    """natscli at the version clients/natscli.mk pins, built as `make natscli` builds it; a no-op
+    when built."""
+    found = re.search(r"^NATSCLI_VERSION := (\S+)$", NATSCLI_MAKEFILE.read_text(), re.MULTILINE)
+    if found is None:
+        raise RuntimeError(f"no NATSCLI_VERSION in {NATSCLI_MAKEFILE}")
+    directory = Path.home() / ".cache" / "cim-nats-infra" / f"natscli-{found.group(1)}"
+    if not (directory / "nats").exists():
+        built = subprocess.run(
+            [_tool("go"), "install", f"github.com/nats-io/natscli/nats@{found.group(1)}"],
+            env=os.environ | {"GOBIN": str(directory), "GOFLAGS": "-mod=mod"},
+            capture_output=True,
+            text=True,
+            timeout=1800,
+            check=False,
+        )
+        if built.returncode != 0:
+            raise RuntimeError(f"go install of natscli {found.group(1)} failed:\n{built.stderr[-4000:]}")
+    return directory / "nats"
 
 
 BUNDLE_VARIABLES = ("NATS_URL", "NATS_USER", "NATS_PASSWORD", "NATS_CA")
