@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.clients import natscli_binary
 from tests.helpers import LAB_INVENTORY, nats_lab, run_playbook, wait_healthy
 from verify.inventory import Cluster
 
@@ -27,8 +28,15 @@ FILES = {
 }
 
 
-def collect(tmp_path: Path) -> tuple[dict[str, str], str]:
-    result = run_playbook("collect-diagnostics.yml", LAB_INVENTORY, "-e", f"diagnostics_root={tmp_path}")
+def collect(tmp_path: Path, natscli: str) -> tuple[dict[str, str], str]:
+    result = run_playbook(
+        "collect-diagnostics.yml",
+        LAB_INVENTORY,
+        "-e",
+        f"diagnostics_root={tmp_path}",
+        "-e",
+        f"diagnostics_natscli={natscli}",
+    )
     assert result.returncode == 0, result.stdout[-3000:]
     archive = Path(re.findall(r"Diagnostics archive: (\S+\.tar\.gz)", result.stdout)[0])
     assert archive.parent == tmp_path and archive.exists()
@@ -52,22 +60,28 @@ def identities(cluster: Cluster) -> dict[str, str]:
 
 def test_collects_every_node_into_one_archive_and_changes_nothing(deployed_lab: Cluster, tmp_path: Path) -> None:
     before = identities(deployed_lab)
-    files, _ = collect(tmp_path)
+    files, output = collect(tmp_path, str(natscli_binary()))
     for node in deployed_lab.nodes:
         assert {f"{node.host}/{name}" for name in FILES} <= set(files), sorted(files)
         assert json.loads(files[f"{node.host}/varz.json"])["server_name"] == node.server_name
         assert "nats-server" in files[f"{node.host}/journal.txt"]
         assert node["jetstream_storage_mount_path"] in files[f"{node.host}/mounts.txt"]
+        # natscli's cluster-wide reports, as the system account's user.
+        assert node.host in files["server-list.txt"], files["server-list.txt"]
+        assert f" {node.host} " in files["server-report-jetstream.txt"], files["server-report-jetstream.txt"]
+    assert "RAFT Meta Group Information" in files["server-report-jetstream.txt"]
+    assert deployed_lab.system.password not in output
     assert identities(deployed_lab) == before
 
 
 def test_a_stopped_node_is_recorded_not_fatal(deployed_lab: Cluster, tmp_path: Path) -> None:
     assert nats_lab("fault", "stop", "nats-3").returncode == 0
     try:
-        files, _ = collect(tmp_path)
+        files, _ = collect(tmp_path, str(tmp_path / "no-natscli-here"))
     finally:
         nats_lab("heal", "nats-3")
     assert files["nats-3/varz.json"].startswith("no answer"), files["nats-3/varz.json"][:200]
+    assert files["natscli.txt"].startswith("natscli not found on the controller"), files["natscli.txt"]
     assert "Stopped" in files["nats-3/journal.txt"] or "Stopping" in files["nats-3/journal.txt"]
     assert json.loads(files["nats-1/healthz.json"])
     wait_healthy(deployed_lab)
