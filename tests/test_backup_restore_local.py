@@ -619,21 +619,26 @@ def test_an_empty_stream_whose_restore_fails_is_put_back_as_it_was(tmp_path: Pat
     the restore fails, naming the stream, and the empty stream it deleted is there again, as it was,
     so its writers still have a stream."""
     snapshot = load_plugin_module("jetstream_snapshot")
-    snapshot.PLACEMENT_WAIT = 2.0
     urls, processes = start_cluster(tmp_path / "cluster", f"max_file_store: {SMALL_STORE}")
     params = {"path": str(tmp_path / "set"), "timeout": 5.0, "force": False, "streams": ["WANTED"]}
     restore = params | {"existing": "fill", "overwrite": [], "include_consumers": False}
     try:
 
+        async def create(nc: Any, name: str, max_bytes: int) -> None:
+            # Placed as the module places, waiting while the deleted WANTED's room is still reserved.
+            config = {"name": name, "subjects": [f"{name.lower()}.>"], "num_replicas": 3, "max_bytes": max_bytes}
+            await snapshot.placed(nc, f"$JS.API.STREAM.CREATE.{name}", config, 5.0)
+
         async def go() -> tuple[str, dict[str, Any]]:
             nc = await cluster_connection(urls)
             js = nc.jetstream(timeout=5)
-            await js.add_stream(name="WANTED", subjects=["wanted.>"], num_replicas=3, max_bytes=BIG)
+            await create(nc, "WANTED", BIG)
             await js.publish("wanted.x", b"saved")
             await snapshot.save(nc, params | {"include_consumers": False}, False)
             await js.delete_stream("WANTED")
-            await js.add_stream(name="WANTED", subjects=["wanted.>"], num_replicas=3, max_bytes=LITTLE)
-            await js.add_stream(name="ROOM", subjects=["room.>"], num_replicas=3, max_bytes=BIG)
+            await create(nc, "WANTED", LITTLE)
+            await create(nc, "ROOM", BIG)
+            snapshot.PLACEMENT_WAIT = 2.0  # the restore itself gives up soon: ROOM keeps the room
             try:
                 await snapshot.restore(nc, restore, False)
             except snapshot.SnapshotError as error:

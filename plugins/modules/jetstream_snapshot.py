@@ -205,6 +205,7 @@ from ansible.module_utils.jetstream_api import (
     STREAM_NOT_FOUND,
     ApiError,
     ConnectError,
+    NoAnswer,
     NoResponders,
     api,
     connect,
@@ -240,6 +241,9 @@ SUMMARY_KEYS = ("messages", "bytes", "first_seq", "last_seq")
 # again for up to this long before the refusal stands.
 NO_SUITABLE_PEERS = 10005
 PLACEMENT_WAIT = 30.0
+# The delete of what a failed restore left can go unanswered while the server tears the stream
+# down (see delete_partial); it is sent again for up to this long.
+PARTIAL_DELETE_WAIT = 30.0
 
 # Protocol, as nats-server 2.15 implements it (server/jetstream_api.go: JSApiStreamSnapshotRequest,
 # streamSnapshot, jsStreamRestoreRequest, processStreamRestore) and jsm.go snapshots.go uses it:
@@ -687,17 +691,27 @@ def reply_error(data: bytes) -> str:
 
 
 async def delete_partial(nc: Any, name: str, timeout: float) -> str:
-    # Deleted without asking for its info first: a restore its leader gave up on leaves the stream's
-    # assignment in the meta state with no stream to describe, and only a delete removes it.
-    try:
-        await api(nc, f"{API}.STREAM.DELETE.{name}", None, timeout)
-        return "the partial stream it left was deleted"
-    except ApiError as error:
-        if error.err_code == STREAM_NOT_FOUND:
-            return "no partial stream was left"
-        return f"a partial stream may be left; delete it before retrying ({error})"
-    except (nats.errors.Error, TimeoutError) as error:
-        return f"a partial stream may be left; delete it before retrying ({error})"
+    """Removes what a failed restore left. Deleted without asking for its info first: a restore its
+    leader gave up on leaves the stream's assignment in the meta state with no stream to describe,
+    and only a delete removes it. That delete can go unanswered while the failed stream is torn
+    down (seen on a loopback trio: no answer in 5 s, and a second delete removed the assignment),
+    so it is sent again until the server says deleted or not found (PARTIAL_DELETE_WAIT)."""
+    deadline, error = time.monotonic() + PARTIAL_DELETE_WAIT, None
+    while True:
+        try:
+            await api(nc, f"{API}.STREAM.DELETE.{name}", None, timeout)
+            return "the partial stream it left was deleted"
+        except ApiError as failure:
+            if failure.err_code == STREAM_NOT_FOUND:
+                return "the partial stream it left was deleted" if error else "no partial stream was left"
+            if not isinstance(failure, NoAnswer):
+                return f"a partial stream may be left; delete it before retrying ({failure})"
+            error = failure
+        except (nats.errors.Error, TimeoutError) as failure:
+            error = failure
+        if time.monotonic() >= deadline:
+            return f"a partial stream may be left; delete it before retrying ({error})"
+        await asyncio.sleep(1.0)
 
 
 def parse_ts(value: str) -> datetime:
