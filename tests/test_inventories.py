@@ -17,6 +17,7 @@ LAB_ONLY_DIFFERENCES = {
     "jetstream_storage_mount_fstype",
     "jetstream_storage_mount_source",
     "nats_server_release_base_url",
+    "nats_exporter_release_base_url",
     "ansible_user",
     "ansible_become",
     "ansible_ssh_private_key_file",
@@ -85,7 +86,16 @@ PREFIXES = {"jetstream_backup": ("jetstream_backup_", "jetstream_restore_")}
 
 
 @pytest.mark.parametrize(
-    "role", ["nats_server", "jetstream_storage", "jetstream_streams", "nats_pki", "client_bundle", "jetstream_backup"]
+    "role",
+    [
+        "nats_server",
+        "jetstream_storage",
+        "jetstream_streams",
+        "nats_pki",
+        "client_bundle",
+        "jetstream_backup",
+        "nats_exporter",
+    ],
 )
 def test_argument_specs_document_every_default(role: str) -> None:
     defaults = role_defaults(role)

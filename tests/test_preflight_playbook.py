@@ -34,6 +34,15 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
         "nats_server_client_port 99999 is outside 1-65535",
     ),
     "ports collide": ({"group_vars": {"nats_server_monitor_port": 4222}}, "must differ"),
+    "exporter port taken": (
+        {"host_vars": {"nats-2": {"nats_exporter_port": 8222}}},
+        "nats-2: nats_exporter_port 8222 must be a port in 1-65535 other than",
+    ),
+    "exporter port not a number": ({"group_vars": {"nats_exporter_port": "http"}}, "nats_exporter_port"),
+    "exporter monitor not https": (
+        {"group_vars": {"nats_exporter_monitor_url": "http://10.231.20.11:8222"}},
+        "nats_exporter_monitor_url \"http://10.231.20.11:8222\" must be",
+    ),
     "invalid address": (
         {"host_vars": {"nats-1": {"ansible_host": "10.231.20.256"}}},
         "nats_server_address '10.231.20.256' is not a valid",

@@ -13,6 +13,7 @@ from typing import Any
 from unittest import mock
 
 import pytest
+import yaml
 
 from nats_lab import cimnfs, cli, faults, hosts, mirror, net
 from nats_lab import lab as labmod
@@ -122,6 +123,24 @@ def test_archive_is_reproducible_and_shaped_like_the_release() -> None:
     binary = members[f"{top}/nats-server"]
     assert binary.mode == 0o755
     assert (binary.uid, binary.gid, binary.mtime) == (0, 0, mirror.ARCHIVE_MTIME)
+
+
+def test_exporter_archive_is_flat_like_its_release() -> None:
+    archive = mirror.make_exporter_archive(b"exporter-bytes", b"LICENSE TEXT")
+    assert archive == mirror.make_exporter_archive(b"exporter-bytes", b"LICENSE TEXT")
+    with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {"LICENSE", "prometheus-nats-exporter"}
+        assert members["prometheus-nats-exporter"].mode == 0o755
+        assert tar.extractfile("prometheus-nats-exporter").read() == b"exporter-bytes"  # type: ignore[union-attr]
+    assert mirror.exporter_archive_name("0.12.0") == "prometheus-nats-exporter-v0.12.0-linux-x86_64.tar.gz"
+
+
+def test_the_mirror_packs_the_exporter_version_the_role_installs() -> None:
+    """One version, two readers: the Go module that builds it and the role's default."""
+    repo = find_repo()
+    installed = yaml.safe_load((repo / "roles/nats_exporter/defaults/main.yml").read_text())["nats_exporter_version"]
+    assert mirror.exporter_version(repo) == installed
 
 
 def test_two_versions_are_served() -> None:
