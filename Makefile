@@ -48,7 +48,7 @@ lab-deps:
 	fi
 
 # The clients the tests and benchmarks run against the lab, as their users have them.
-clients: rust-client node-client natscli
+clients: rust-client node-client natscli exporter
 
 lab-up: setup lab-deps exporter
 	$(BIN)/nats-lab up
