@@ -41,7 +41,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "exporter port not a number": ({"group_vars": {"nats_exporter_port": "http"}}, "nats_exporter_port"),
     "exporter monitor not https": (
         {"group_vars": {"nats_exporter_monitor_url": "http://10.231.20.11:8222"}},
-        "nats_exporter_monitor_url \"http://10.231.20.11:8222\" must be",
+        'nats_exporter_monitor_url "http://10.231.20.11:8222" must be',
     ),
     "invalid address": (
         {"host_vars": {"nats-1": {"ansible_host": "10.231.20.256"}}},

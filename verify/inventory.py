@@ -30,6 +30,8 @@ from verify import monitor
 
 REPO = Path(__file__).resolve().parent.parent
 ROLES = ("jetstream_storage", "nats_server", "nats_exporter")
+# The variables a Node's settings hold: the roles' and the lab's.
+SETTING_PREFIXES = ("nats_server_", "nats_exporter_", "jetstream_", "lab_")
 # Secrets: kept out of Node.settings (which reports may print); held by Login and Cluster.secrets.
 PASSWORD_VARIABLES = ("nats_server_app_admin_password", "nats_server_system_password", "nats_server_route_password")
 # The applications' passwords sit inside this list; it is read like the passwords above.
@@ -303,7 +305,7 @@ def load_cluster(inventory: Path | str, group: str = CLUSTER_GROUP) -> Cluster:
         host = manager.get_host(name)
         host_vars = dict(defaults) | dict(variables.get_vars(host=host)) | {"inventory_hostname": name}
         templar = Templar(loader=loader, variables=host_vars)
-        wanted = {k: v for k, v in host_vars.items() if k.startswith(("nats_server_", "nats_exporter_", "jetstream_", "lab_"))}
+        wanted = {k: v for k, v in host_vars.items() if k.startswith(SETTING_PREFIXES)}
         settings = {k: templar.template(v) for k, v in wanted.items() if k not in SECRET_VARIABLES}
         for variable in (*PASSWORD_VARIABLES, CLIENTS_VARIABLE):
             if variable not in host_vars:
