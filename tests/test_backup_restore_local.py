@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from tests.helpers import BIN, NATS_SERVER, REPO, ansible_env, load_filter_plugin, load_plugin_module
-from tests.local_nats import free_port, local_jetstream
+from tests.local_nats import free_port, local_jetstream, local_trio
 
 EVENTS, OTHER, EMPTY = "BK_EVENTS", "BK_OTHER", "BK_EMPTY"
 CLUSTER = "local"
@@ -471,29 +471,13 @@ def test_an_empty_stream_that_gets_a_message_is_not_replaced(tmp_path: Path, liv
     assert after["subjects"] == ["bk.empty.>"] and after["state"]["messages"] == 1
 
 
-def start_cluster(base: Path, jetstream: str = "") -> tuple[list[str], list[subprocess.Popen[bytes]]]:
-    """Three nats-servers on loopback forming one JetStream cluster (JETSTREAM: more settings)."""
-    ports = [(free_port(), free_port()) for _ in range(3)]
-    routes = ", ".join(f"nats-route://127.0.0.1:{route}" for _, route in ports)
-    processes = []
-    for n, (client, route) in enumerate(ports):
-        node = base / f"n{n}"
-        node.mkdir(parents=True)
-        (node / "nats.conf").write_text(
-            f'server_name: n{n}\nlisten: "127.0.0.1:{client}"\njetstream {{ store_dir: "{node}/store", {jetstream} }}\n'
-            f'cluster {{ name: local, listen: "127.0.0.1:{route}", routes: [{routes}] }}\n'
-        )
-        processes.append(subprocess.Popen([str(NATS_SERVER), "-c", str(node / "nats.conf")], stderr=subprocess.DEVNULL))
-    return [f"nats://127.0.0.1:{client}" for client, _ in ports], processes
-
-
 def test_an_r3_set_drills_on_a_single_scratch_server(tmp_path: Path) -> None:
     """A single server refuses num_replicas above 1 (10074) and reads the config from the restore
     request: the drill asks for one replica. A consumer saved with num_replicas 3 cannot be held by
     one server (10126): the drill fails and says why."""
     snapshot = load_plugin_module("jetstream_snapshot")
-    urls, processes = start_cluster(tmp_path / "cluster")
-    try:
+    with local_trio(tmp_path / "cluster") as servers:
+        urls = [server.client_url for server in servers]
 
         async def save() -> None:
             deadline = time.monotonic() + 30
@@ -517,11 +501,6 @@ def test_an_r3_set_drills_on_a_single_scratch_server(tmp_path: Path) -> None:
             await nc.close()
 
         asyncio.run(save())
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(10)
     assert json.loads((tmp_path / "r3" / "R3.json").read_text())["config"]["num_replicas"] == 3
 
     drill = {"streams": [], "server_binary": str(NATS_SERVER), "work_dir": str(tmp_path), "timeout": 5.0}
@@ -530,27 +509,6 @@ def test_an_r3_set_drills_on_a_single_scratch_server(tmp_path: Path) -> None:
     with pytest.raises(snapshot.SnapshotError, match=r"10126.*num_replicas above 1 cannot live on a single scratch"):
         asyncio.run(snapshot.drill(drill | {"path": str(tmp_path / "r3-explicit")}, False))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".restore-drill-")] == []
-
-
-def stop_cluster(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.wait(10)
-
-
-async def cluster_connection(urls: list[str]) -> Any:
-    """A connection once the new cluster answers JetStream requests."""
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            nc = await nats.connect(urls, connect_timeout=1)
-            await nc.jetstream(timeout=5).account_info()
-            return nc
-        except Exception:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.3)
 
 
 # Each node has room for one stream of BIG bytes (x3 replicas over the three nodes), not two.
@@ -577,13 +535,12 @@ def test_a_restore_waits_for_room_the_cluster_is_freeing(tmp_path: Path) -> None
     stream is deleted (an empty one replaced by its backup, on the lab) its room still looks taken:
     the restore is asked again until it fits, here once another stream is deleted 2 s in."""
     snapshot = load_plugin_module("jetstream_snapshot")
-    urls, processes = start_cluster(tmp_path / "cluster", f"max_file_store: {SMALL_STORE}")
     params = {"path": str(tmp_path / "set"), "timeout": 5.0, "force": False, "streams": ["WANTED"]}
     restore = params | {"existing": "fill", "overwrite": [], "include_consumers": False}
-    try:
+    with local_trio(tmp_path / "cluster", f"max_file_store: {SMALL_STORE}") as servers:
 
         async def go() -> tuple[dict[str, Any], dict[str, Any], float]:
-            nc = await cluster_connection(urls)
+            nc = await nats.connect([server.client_url for server in servers])
             js = nc.jetstream(timeout=5)
             await js.add_stream(name="WANTED", subjects=["wanted.>"], num_replicas=3, max_bytes=BIG)
             for n in range(20):
@@ -607,8 +564,6 @@ def test_a_restore_waits_for_room_the_cluster_is_freeing(tmp_path: Path) -> None
             return result, info, waited
 
         result, info, waited = asyncio.run(go())
-    finally:
-        stop_cluster(processes)
     assert [(s["name"], s["action"]) for s in result["streams"]] == [("WANTED", "restored")]
     assert (info["state"]["messages"], info["config"]["num_replicas"]) == (20, 3)
     assert waited >= 2, waited
@@ -619,10 +574,9 @@ def test_an_empty_stream_whose_restore_fails_is_put_back_as_it_was(tmp_path: Pat
     the restore fails, naming the stream, and the empty stream it deleted is there again, as it was,
     so its writers still have a stream."""
     snapshot = load_plugin_module("jetstream_snapshot")
-    urls, processes = start_cluster(tmp_path / "cluster", f"max_file_store: {SMALL_STORE}")
     params = {"path": str(tmp_path / "set"), "timeout": 5.0, "force": False, "streams": ["WANTED"]}
     restore = params | {"existing": "fill", "overwrite": [], "include_consumers": False}
-    try:
+    with local_trio(tmp_path / "cluster", f"max_file_store: {SMALL_STORE}") as servers:
 
         async def create(nc: Any, name: str, max_bytes: int) -> None:
             # Placed as the module places, waiting while the deleted WANTED's room is still reserved.
@@ -630,7 +584,7 @@ def test_an_empty_stream_whose_restore_fails_is_put_back_as_it_was(tmp_path: Pat
             await snapshot.placed(nc, f"$JS.API.STREAM.CREATE.{name}", config, 5.0)
 
         async def go() -> tuple[str, dict[str, Any]]:
-            nc = await cluster_connection(urls)
+            nc = await nats.connect([server.client_url for server in servers])
             js = nc.jetstream(timeout=5)
             await create(nc, "WANTED", BIG)
             await js.publish("wanted.x", b"saved")
@@ -650,8 +604,6 @@ def test_an_empty_stream_whose_restore_fails_is_put_back_as_it_was(tmp_path: Pat
             return message, info
 
         message, info = asyncio.run(go())
-    finally:
-        stop_cluster(processes)
     # Refused at once (10005), or accepted on a stale view of the room and failed at its end (10047).
     assert "WANTED" in message.split(";")[0] and "insufficient storage" in message, message
     assert message.endswith("; WANTED was created again as it was (empty)"), message

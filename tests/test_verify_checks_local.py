@@ -5,12 +5,10 @@ The check functions are called as pytest would, with the view and /jsz they read
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
@@ -19,9 +17,7 @@ import pytest
 from nats.aio.client import Client
 from nats.js.api import ConsumerConfig, StorageType, StreamConfig
 
-from tests.helpers import NATS_SERVER
-from tests.local_nats import free_port
-from verify import monitor
+from tests.local_nats import LocalServer, local_server, local_trio, wait_healthy
 from verify.checks import test_cluster as checks
 from verify.inventory import Cluster, Node
 from verify.limits import human_bytes
@@ -70,77 +66,35 @@ system_account: SYS
 """
 
 
-# The trio's server processes by host, for the test that stops one.
-TRIO_PROCESSES: dict[str, subprocess.Popen[bytes]] = {}
-
-
-def start(config: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([str(NATS_SERVER), "-c", str(config)], stderr=subprocess.DEVNULL)
-
-
-def wait_healthy(urls: list[str], seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while True:
-        try:
-            if all(monitor.healthz(url, timeout=0.5).status == 200 for url in urls):
-                return
-        except monitor.MonitorUnreachable:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"local nats-servers not healthy within {seconds} s")
-        time.sleep(0.05)
-
-
-def stop(processes: list[subprocess.Popen[bytes]]) -> None:
-    for process in processes:
-        if process.poll() is None:
-            process.terminate()
-    for process in processes:
-        process.wait(10)
+# The trio's servers by host, for the test that stops one.
+TRIO_SERVERS: dict[str, LocalServer] = {}
 
 
 @pytest.fixture(scope="module")
 def single(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
     """One server: account APP with small limits, FREE without; the server's file store 2 MiB."""
     workdir = tmp_path_factory.mktemp("single")
-    client, http = free_port(), free_port()
-    config = workdir / "nats.conf"
-    config.write_text(
-        f'server_name: "solo"\nlisten: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
-        f'jetstream {{ store_dir: "{workdir}/store", max_memory_store: 64MB, max_file_store: 2MB }}\n' + ACCOUNTS
-    )
-    node = local_node("solo", "solo", client, http)
-    process = start(config)
-    try:
-        wait_healthy([node.monitor_url])
-        yield node
-    finally:
-        stop([process])
+
+    def config(client: int, http: int) -> str:
+        return (
+            f'server_name: "solo"\nlisten: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
+            f'jetstream {{ store_dir: "{workdir}/store", max_memory_store: 64MB, max_file_store: 2MB }}\n' + ACCOUNTS
+        )
+
+    with local_server(workdir, config, seconds=20) as server:
+        yield local_node("solo", "solo", server.client_port, server.http_port)
 
 
 @pytest.fixture(scope="module")
 def trio(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalNode, ...]]:
     """A 3-node JetStream cluster on loopback (routes, meta group), nodes nats-1..3 (n1..n3)."""
     workdir = tmp_path_factory.mktemp("trio")
-    ports = [(free_port(), free_port(), free_port()) for _ in range(3)]
-    nodes, processes = [], []
-    for index, (client, http, route) in enumerate(ports, start=1):
-        routes = ", ".join(f'"nats-route://127.0.0.1:{r}"' for _, _, r in ports if r != route)
-        config = workdir / f"n{index}.conf"
-        config.write_text(
-            f'server_name: "n{index}"\nlisten: "127.0.0.1:{client}"\nhttp: "127.0.0.1:{http}"\n'
-            f'jetstream {{ store_dir: "{workdir}/n{index}", max_memory_store: 64MB, max_file_store: 1GB }}\n'
-            f'cluster {{ name: "local", listen: "127.0.0.1:{route}", routes: [{routes}] }}\n' + ACCOUNTS
-        )
-        nodes.append(local_node(f"nats-{index}", f"n{index}", client, http))
-    try:
-        for index, node in enumerate(nodes, start=1):
-            processes.append(start(workdir / f"n{index}.conf"))
-            TRIO_PROCESSES[node.host] = processes[-1]
-        wait_healthy([n.monitor_url for n in nodes], seconds=30)
+    with local_trio(workdir, "max_memory_store: 64MB, max_file_store: 1GB", ACCOUNTS) as servers:
+        nodes = []
+        for index, server in enumerate(servers, start=1):
+            nodes.append(local_node(f"nats-{index}", f"n{index}", server.client_port, server.http_port))
+            TRIO_SERVERS[nodes[-1].host] = server
         yield tuple(nodes)
-    finally:
-        stop(processes)
 
 
 async def _connect(nodes: tuple[LocalNode, ...] | list[LocalNode], user: str = "app") -> Client:
@@ -153,7 +107,7 @@ def no_stream_left_on_the_trio(request: pytest.FixtureRequest) -> Iterator[None]
     yield
     if "trio" not in request.fixturenames:
         return
-    if any(process.poll() is not None for process in TRIO_PROCESSES.values()):
+    if any(server.process.poll() is not None for server in TRIO_SERVERS.values()):
         return  # a test stopped a member for good (the last one): the trio is not used again
     trio = request.getfixturevalue("trio")
 
@@ -456,7 +410,7 @@ def test_replicas_agree(trio: tuple[LocalNode, ...]) -> None:
             await js.publish("one.x", b"1")
 
     js_run(trio, world)
-    wait_healthy([n.monitor_url for n in trio])
+    wait_healthy(list(TRIO_SERVERS.values()), seconds=20)
     state = RunState()
     started = time.monotonic()
     checks.test_replicas_hold_the_same_data(local_cluster(*trio), details_of(state, trio), state)
@@ -521,8 +475,8 @@ def test_a_silent_node_is_left_out_with_a_note(trio: tuple[LocalNode, ...]) -> N
     js_run(trio, world)
     js_run(trio, free_world, user="free")
     replicas_current(trio, "SAME")
-    TRIO_PROCESSES[trio[2].host].terminate()
-    TRIO_PROCESSES[trio[2].host].wait(10)
+    TRIO_SERVERS[trio[2].host].process.terminate()
+    TRIO_SERVERS[trio[2].host].process.wait(10)
     state = RunState()
     details = {}
     for node in trio:  # as the jsz_details fixture fetches: a node that does not answer is left out

@@ -82,13 +82,13 @@ incomplete:
 """
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 from ansible.module_utils.basic import AnsibleModule
+from ansible.module_utils.jetstream_backup_files import fsync_dir
 
 SET_NAME = re.compile(r"\d{8}T\d{6}Z")
 PARTIAL_NAME = re.compile(r"\.(\d{8}T\d{6}Z)\.partial")
@@ -120,14 +120,6 @@ def check_name(name: str | None) -> str:
     if not name or not SET_NAME.fullmatch(name):
         raise SetError(f"name must be a UTC stamp like 20261201T030000Z, not {name!r}")
     return name
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def start(path: Path, name: str, check_mode: bool) -> dict[str, Any]:

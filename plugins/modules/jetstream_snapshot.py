@@ -213,6 +213,7 @@ from ansible.module_utils.jetstream_api import (
     request,
     stream_info,
 )
+from ansible.module_utils.jetstream_backup_files import fsync_dir
 
 try:
     import nats
@@ -295,14 +296,6 @@ def write_atomically(path: Path, data: bytes) -> None:
         out.flush()
         os.fsync(out.fileno())
     part.replace(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 async def snapshot_to_file(
