@@ -9,6 +9,9 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Debian packages the lab needs on the machine (nspawn hosts, base image, partitions).
 LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client libfuse2
+# Debian's Prometheus, for promtool (the alert rules' checks and tests) and the lab's Prometheus;
+# without its recommends (node exporter), and on this machine nothing starts it.
+TOOL_APT_PACKAGES := prometheus
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # rustup installs cargo under ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
@@ -45,6 +48,11 @@ lab-deps:
 	if [ -n "$$missing" ]; then \
 	  echo "apt: installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@missing=$$(for p in $(TOOL_APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "apt: installing $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
 # The clients the tests and benchmarks run against the lab, as their users have them.
