@@ -34,7 +34,12 @@ PACKAGES = (
     "fuse3",
     "libfuse2",
     "python3-fusepy",
+    # For the lab's monitoring host (roles/nats_monitoring installs it where apt can reach Debian;
+    # lab hosts cannot). Disabled in the base: only the role enables it.
+    "prometheus",
 )
+# Units the base installs but no host runs until a role enables it.
+DISABLED_UNITS = ("prometheus.service",)
 MOUNT_HELPER = "usr/sbin/mount.cimnfs"
 EXPORT_DIR = "srv/cimstor-export"
 # Units that would wake up in a lab host and reach for the network or disturb tests.
@@ -61,6 +66,7 @@ def recipe_hash() -> str:
         "mirror": MIRROR,
         "packages": PACKAGES,
         "masked": MASKED_UNITS,
+        "disabled": DISABLED_UNITS,
         "sshd": SSHD_CONFIG,
         "sudoers": SUDOERS,
         "helper": Path(cimnfs.__file__).read_bytes().decode(),
@@ -197,6 +203,7 @@ def _configure(root: Path) -> None:
     sudoers.chmod(0o440)
     run(["systemctl", f"--root={root}", "enable", "systemd-networkd.service"])
     run(["systemctl", f"--root={root}", "mask", *MASKED_UNITS])
+    run(["systemctl", f"--root={root}", "disable", *DISABLED_UNITS])
     # Per-host identity lives in each host's overlay upper dir, never in the shared base.
     for key in (root / "etc/ssh").glob("ssh_host_*"):
         key.unlink()

@@ -90,7 +90,7 @@ def _fault(lab: Lab, kind: str, host_name: str, port: int) -> int:
 
 
 def _heal(lab: Lab, host_name: str | None) -> int:
-    targets = [lab.host(host_name)] if host_name else list(lab.hosts)
+    targets = [lab.host(host_name)] if host_name else list(lab.machines)
     done = faults.heal(lab, targets, labmod.recorded_base(lab))
     if not done:
         say("no active faults: nothing to heal")

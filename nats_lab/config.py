@@ -14,6 +14,9 @@ import yaml
 
 INVENTORY = Path("inventory/lab/hosts.yml")
 CLUSTER_GROUP = "nats_cluster"
+# Hosts that watch the cluster from outside its site: up, down, ssh and single-host faults reach
+# them; a site-wide fault (power-loss all) does not.
+MONITORING_GROUP = "nats_monitoring"
 CACHE_NAME = "cim-nats-infra"
 # IFNAMSIZ - 1: longer names are hashed by systemd-nspawn and could not be predicted here.
 MAX_IFNAME = 15
@@ -46,6 +49,12 @@ class Lab:
     ssh_user: str
     ssh_key: Path
     ssh_common_args: tuple[str, ...]
+    monitors: tuple[Host, ...] = ()
+
+    @property
+    def machines(self) -> tuple[Host, ...]:
+        """Every lab host: the cluster's, then the monitoring hosts."""
+        return self.hosts + self.monitors
 
     @property
     def state(self) -> Path:
@@ -68,10 +77,10 @@ class Lab:
         return f"http://{self.bridge_address}:{self.mirror_port}"
 
     def host(self, name: str) -> Host:
-        for host in self.hosts:
+        for host in self.machines:
             if host.name == name:
                 return host
-        valid = ", ".join(h.name for h in self.hosts)
+        valid = ", ".join(h.name for h in self.machines)
         raise LabError(f"unknown host {name!r}; valid hosts: {valid}")
 
     def host_dir(self, host: Host) -> Path:
@@ -114,28 +123,35 @@ def load_lab(repo: Path) -> Lab:
         data: Any = yaml.safe_load(path.read_text(encoding="utf-8"))
         top = data["all"]
         gvars: dict[str, Any] = top.get("vars") or {}
-        hosts_data: dict[str, Any] = top["children"][CLUSTER_GROUP]["hosts"]
         bridge_if = ipaddress.IPv4Interface(str(gvars["lab_bridge_address"]))
-        hosts = []
-        for name, hvars in hosts_data.items():
-            address = ipaddress.IPv4Address(str(hvars["ansible_host"]))
-            if address not in bridge_if.network:
-                raise LabError(f"{name}: {address} is outside the lab subnet {bridge_if.network}")
-            hosts.append(Host(name=str(name), address=str(address), prefix=bridge_if.network.prefixlen))
+
+        def group_hosts(group: str) -> tuple[Host, ...]:
+            found = []
+            for name, hvars in ((top["children"].get(group) or {}).get("hosts") or {}).items():
+                address = ipaddress.IPv4Address(str(hvars["ansible_host"]))
+                if address not in bridge_if.network:
+                    raise LabError(f"{name}: {address} is outside the lab subnet {bridge_if.network}")
+                found.append(Host(name=str(name), address=str(address), prefix=bridge_if.network.prefixlen))
+            return tuple(found)
+
+        hosts = group_hosts(CLUSTER_GROUP)
+        if not hosts:
+            raise KeyError(CLUSTER_GROUP)
         lab = Lab(
             repo=repo,
             bridge=str(gvars["lab_bridge_name"]),
             bridge_address=str(bridge_if.ip),
             prefix=bridge_if.network.prefixlen,
             mirror_port=int(gvars["lab_mirror_port"]),
-            hosts=tuple(hosts),
+            hosts=hosts,
+            monitors=group_hosts(MONITORING_GROUP),
             ssh_user=str(gvars.get("ansible_user", "ansible")),
             ssh_key=_resolve_inventory_path(str(gvars["ansible_ssh_private_key_file"]), path.parent),
             ssh_common_args=tuple(shlex.split(str(gvars.get("ansible_ssh_common_args", "")))),
         )
     except (KeyError, TypeError, ValueError, yaml.YAMLError) as exc:
         raise LabError(f"{path}: cannot read the lab layout: {exc!r}") from exc
-    for host in lab.hosts:
+    for host in lab.machines:
         if len(host.veth) > MAX_IFNAME:
             raise LabError(f"host name {host.name!r} is too long for an interface name")
     if len(lab.bridge) > MAX_IFNAME:

@@ -70,11 +70,12 @@ def down_kinds(lab: Lab, host: Host) -> list[str]:
 
 
 def isolated_hosts(lab: Lab, faults: Faults) -> list[Host]:
-    return [h for h in lab.hosts if "isolate" in faults.get(h.name, {})]
+    return [h for h in lab.machines if "isolate" in faults.get(h.name, {})]
 
 
 def cut_ports(lab: Lab, faults: Faults) -> list[tuple[Host, int]]:
-    return [(h, int(faults[h.name]["cut-routes"]["port"])) for h in lab.hosts if "cut-routes" in faults.get(h.name, {})]
+    cut = [h for h in lab.machines if "cut-routes" in faults.get(h.name, {})]
+    return [(h, int(faults[h.name]["cut-routes"]["port"])) for h in cut]
 
 
 def apply_network(lab: Lab, faults: Faults) -> None:

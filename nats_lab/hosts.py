@@ -115,7 +115,7 @@ def prepare(lab: Lab, host: Host, base_dir: Path) -> None:
     _write(etc / "hostname", f"{host.name}\n")
     _write(etc / "machine-id", uuid.uuid4().hex + "\n", 0o444)
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
-    lines += [f"{h.address}\t{h.name}" for h in lab.hosts]
+    lines += [f"{h.address}\t{h.name}" for h in lab.machines]
     _write(etc / "hosts", "\n".join(lines) + "\n")
     network = _mkdirs_like(root, tmp, str(Path(NETWORK_FILE).parent)) / Path(NETWORK_FILE).name
     _write(

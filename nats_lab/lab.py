@@ -30,7 +30,7 @@ def recorded_base(lab: Lab) -> Path | None:
 
 
 def _pick_base(lab: Lab) -> Path:
-    existing = [h for h in lab.hosts if hosts.upper_dir(lab, h).exists()]
+    existing = [h for h in lab.machines if hosts.upper_dir(lab, h).exists()]
     current = recorded_base(lab)
     if existing and current is not None:
         return current
@@ -52,8 +52,8 @@ def reachable(lab: Lab, host: Host) -> bool:
 
 
 def all_reachable(lab: Lab) -> bool:
-    with ThreadPoolExecutor(len(lab.hosts)) as pool:
-        return all(pool.map(lambda h: reachable(lab, h), lab.hosts))
+    with ThreadPoolExecutor(len(lab.machines)) as pool:
+        return all(pool.map(lambda h: reachable(lab, h), lab.machines))
 
 
 def is_up(lab: Lab) -> bool:
@@ -76,20 +76,20 @@ def up(lab: Lab) -> int:
         faults.save(lab, {})
     if faults.load(lab):
         say("healing active faults first")
-        faults.heal(lab, list(lab.hosts), recorded_base(lab))
+        faults.heal(lab, list(lab.machines), recorded_base(lab))
     base_dir = _pick_base(lab)
     net.ensure_bridge(lab)
     lab.share_dir.mkdir(parents=True, exist_ok=True)
     started = []
-    for host in lab.hosts:
+    for host in lab.machines:
         hosts.prepare(lab, host, base_dir)
         if hosts.launcher_pid(lab, host) is None:
             hosts.start(lab, host, base_dir)
             started.append(host.name)
     say(f"hosts: started {', '.join(started) or 'none'}; waiting for ssh and boot")
-    with ThreadPoolExecutor(len(lab.hosts) + 1) as pool:
+    with ThreadPoolExecutor(len(lab.machines) + 1) as pool:
         mirror_job = pool.submit(mirror.start, lab)
-        results = list(pool.map(lambda h: hosts.wait_booted(lab, h), lab.hosts))
+        results = list(pool.map(lambda h: hosts.wait_booted(lab, h), lab.machines))
         mirror_job.result()
     # Only hosts booted now count: a unit the roles broke on a running host is not the lab's.
     degraded = [r for r in results if r.state != "running" and r.host.name in started]
@@ -109,7 +109,7 @@ def up(lab: Lab) -> int:
 def down(lab: Lab) -> int:
     require_root()
     mirror.stop(lab)
-    hosts.stop(lab, lab.hosts)
+    hosts.stop(lab, lab.machines)
     stray = hosts.stray_nspawn(lab)
     if stray:
         warn(f"stopping nspawn processes without a launcher: {stray}")
@@ -118,7 +118,7 @@ def down(lab: Lab) -> int:
         for pid in wait_gone(stray, 10):
             kill(pid, 9)
         wait_gone(stray, 2)
-        for host in lab.hosts:
+        for host in lab.machines:
             hosts.remove_cgroups(host)
     if net.nft_table_exists():
         net.apply_isolation([])
@@ -164,8 +164,8 @@ def host_status(lab: Lab, host: Host, active_faults: dict[str, Any]) -> dict[str
 
 def status(lab: Lab) -> dict[str, Any]:
     active_faults = faults.load(lab)
-    with ThreadPoolExecutor(len(lab.hosts)) as pool:
-        host_info = list(pool.map(lambda h: host_status(lab, h, active_faults), lab.hosts))
+    with ThreadPoolExecutor(len(lab.machines)) as pool:
+        host_info = list(pool.map(lambda h: host_status(lab, h, active_faults), lab.machines))
     mstate = mirror.state(lab)
     bridge = net.bridge_state(lab)
     isolation = net.nft_table_exists()
@@ -192,10 +192,10 @@ def format_status(data: dict[str, Any]) -> str:
     mirror_text = "serving" if m["listening"] else ("not listening" if m["running"] else "stopped")
     lines.append(f"mirror  {m['url']}/: {mirror_text}")
     header = ("HOST", "ADDRESS", "CONTAINER", "SSH", "SYSTEM", "NATS-SERVER")
-    lines.append("{:8} {:14} {:10} {:4} {:10} {:22} FAULTS".format(*header))
+    lines.append("{:10} {:14} {:10} {:4} {:10} {:22} FAULTS".format(*header))
     for h in data["hosts"]:
         lines.append(
-            f"{h['name']:8} {h['address']:14} {'running' if h['running'] else 'stopped':10} "
+            f"{h['name']:10} {h['address']:14} {'running' if h['running'] else 'stopped':10} "
             f"{'yes' if h['ssh'] else 'no':4} {h['system'] or '-':10} {h['nats_server'] or '-':22} "
             f"{','.join(h['faults']) or '-'}"
         )
@@ -204,8 +204,8 @@ def format_status(data: dict[str, Any]) -> str:
 
 
 def print_summary(lab: Lab) -> None:
-    for host in lab.hosts:
-        print(f"  {host.name:8} {host.address:14} ssh {lab.ssh_user}@{host.address} -i {lab.ssh_key}")
+    for host in lab.machines:
+        print(f"  {host.name:10} {host.address:14} ssh {lab.ssh_user}@{host.address} -i {lab.ssh_key}")
     print(f"  bridge {lab.bridge} {lab.bridge_address}/{lab.prefix}, mirror {lab.mirror_url}/")
 
 

@@ -45,8 +45,15 @@ LAB_ONLY_DIFFERENCES = {
 
 
 def host_settings(inventory: Any) -> dict[str, dict[str, Any]]:
+    """The cluster members' settings (the lab also has a monitoring host, outside the cluster)."""
     data = inventory_vars(inventory)
-    return dict(data["_meta"]["hostvars"])
+    return {name: data["_meta"]["hostvars"][name] for name in data["nats_cluster"]["hosts"]}
+
+
+def test_the_lab_watches_from_outside_the_cluster() -> None:
+    data = inventory_vars(LAB_INVENTORY)
+    assert data["nats_monitoring"]["hosts"] == ["monitor-1"]
+    assert not set(data["nats_monitoring"]["hosts"]) & set(data["nats_cluster"]["hosts"])
 
 
 def test_lab_differs_from_production_only_where_allowed() -> None:
