@@ -547,7 +547,9 @@ def test_a_restore_waits_for_room_the_cluster_is_freeing(tmp_path: Path) -> None
                 await js.publish(f"wanted.{n % 2}", f"event {n}".encode())
             await snapshot.save(nc, params | {"include_consumers": False}, False)
             await js.delete_stream("WANTED")
-            await js.add_stream(name="ROOM", subjects=["room.>"], num_replicas=3, max_bytes=BIG)
+            # Placed as the module places: the deleted WANTED's room may still look taken.
+            room = {"name": "ROOM", "subjects": ["room.>"], "num_replicas": 3, "max_bytes": BIG}
+            await snapshot.placed(nc, "$JS.API.STREAM.CREATE.ROOM", room, 5.0)
             await until_no_room(nc)
 
             async def free_the_room() -> None:

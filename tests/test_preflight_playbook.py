@@ -160,7 +160,8 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "host names differing in case": ({"rename_host": ("nats-2", "NATS-1")}, "NATS-1, nats-1 differ only in case"),
     "cluster group misspelt": (
         {"group_vars": {"nats_server_cluster_group": "nats_clustr"}},
-        'nats_server_cluster_group "nats_clustr" is not a group of this inventory (its groups: nats_cluster)',
+        'nats_server_cluster_group "nats_clustr" is not a group of this inventory '
+        "(its groups: nats_cluster, nats_monitoring)",
     ),
     "a list where a number belongs": (
         {"group_vars": {"nats_server_client_port": [4222]}},
