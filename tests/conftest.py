@@ -3,14 +3,13 @@ that cannot start fails the run instead of skipping it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests import network_guard
-from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, issue_certificates, nats_lab, run_playbook
+from tests.helpers import LAB_INVENTORY, OFFLINE_PKI, issue_certificates, missing_in_ci_fails, nats_lab, run_playbook
 from verify.inventory import Cluster, load_cluster
 
 LAB_WAS_UP = pytest.StashKey[bool]()
@@ -54,10 +53,7 @@ def lab_cluster(request: pytest.FixtureRequest) -> Iterator[Cluster]:
     request.config.stash[LAB_USED] = True
     started = nats_lab("up")
     if started.returncode != 0:
-        message = f"nats-lab up failed:\n{started.stdout}\n{started.stderr}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_in_ci_fails(f"nats-lab up failed:\n{started.stdout}\n{started.stderr}")
     yield load_cluster(LAB_INVENTORY)
 
 

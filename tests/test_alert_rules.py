@@ -8,7 +8,6 @@ and fail with CI=true.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import REPO
+from tests.helpers import REPO, missing_in_ci_fails
 
 RULES = REPO / "roles" / "nats_monitoring" / "files" / "nats-alerts.rules.yml"
 UNIT_TESTS = REPO / "tests" / "alert_rules" / "nats-alerts.test.yml"
@@ -51,10 +50,7 @@ PROMQL_KEYWORDS = frozenset({"and", "or", "unless", "bool"})
 def promtool() -> str:
     found = shutil.which("promtool")
     if found is None:
-        message = "promtool not found (Debian 12: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_in_ci_fails("promtool not found (Debian 12: apt-get install prometheus)")
     return found
 
 

@@ -6,7 +6,6 @@ copy of the lab inventory; the units are rendered into a temporary directory, ne
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import BIN, REPO
+from tests.helpers import BIN, REPO, missing_in_ci_fails
 from tests.offline import assert_one_short_refusal, make_inventory, run_offline, run_offline_playbook
 
 BACKUP, RESTORE = "backup-streams.yml", "remediate/restore-streams.yml"
@@ -133,17 +132,9 @@ def render_units(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
     return unit.with_suffix(".service"), unit.with_suffix(".timer")
 
 
-def _cannot_verify_units(problem: str) -> None:
-    """In CI the units' check must run (Debian 12 has systemd-analyze): fail, never skip."""
-    message = f"cannot verify the backup units on this machine: {problem}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
-
-
 def test_the_scheduled_job_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     if shutil.which("systemd-analyze") is None:
-        _cannot_verify_units("needs systemd-analyze (Debian 12 has it)")
+        missing_in_ci_fails("cannot verify the backup units: needs systemd-analyze (Debian 12 has it)")
     service, timer = render_units(tmp_path)
     verified = subprocess.run(
         ["systemd-analyze", "verify", str(service), str(timer)], capture_output=True, text=True, timeout=60, check=False

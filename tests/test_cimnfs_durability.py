@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from nats_lab import cimnfs, faults, hosts
 from nats_lab.config import Host
 from nats_lab.util import wait_gone
+from tests.helpers import missing_in_ci_fails
 
 HELPER = Path(cimnfs.__file__)
 OPTIONS = "rw,hard,noatime,nfsvers=4.2,timeo=600,retrans=2,_netdev"
@@ -417,12 +418,9 @@ def mounted(base: Path, options: str = OPTIONS) -> Iterator[Mount]:
         mount.cleanup()
 
 
-def _cannot_mount(problem: str) -> None:
-    """In CI the stand-in's proof must run (make lab-deps installs libfuse2): fail, never skip."""
-    message = f"cannot mount FUSE on this machine: {problem}"
-    if os.environ.get("CI") == "true":
-        pytest.fail(message)
-    pytest.skip(message)
+def _cannot_mount(problem: str) -> NoReturn:
+    """In CI the stand-in's proof must run (make lab-deps installs libfuse2)."""
+    missing_in_ci_fails(f"cannot mount FUSE on this machine: {problem}")
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tests.helpers import NATS_SERVER, REPO
+from tests.helpers import NATS_SERVER, REPO, missing_in_ci_fails
 from tests.local_nats import free_port
 from verify import monitor
 from verify.client import connect_tls_or_nothing
@@ -67,10 +67,7 @@ def node_client() -> Path:
     """clients/node with its node_modules (`npm ci` when missing or older than the lock file)."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if not node or not npm:
-        message = "node and npm are needed for the nats.js tests"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_in_ci_fails("node and npm are needed for the nats.js tests")
     # The rule of clients/node.mk: npm ci writes node_modules/.package-lock.json.
     installed = CLIENT_DIR / "node_modules" / ".package-lock.json"
     newest = max((CLIENT_DIR / name).stat().st_mtime for name in ("package.json", "package-lock.json"))
