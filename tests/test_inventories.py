@@ -102,6 +102,7 @@ PREFIXES = {"jetstream_backup": ("jetstream_backup_", "jetstream_restore_")}
         "client_bundle",
         "jetstream_backup",
         "nats_exporter",
+        "nats_monitoring",
     ],
 )
 def test_argument_specs_document_every_default(role: str) -> None:
