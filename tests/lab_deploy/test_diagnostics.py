@@ -3,9 +3,11 @@ and disks; nothing on the hosts changes; a stopped node is recorded, not fatal."
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -42,11 +44,15 @@ def collect(tmp_path: Path, natscli: str) -> tuple[dict[str, str], str]:
     assert archive.parent == tmp_path and archive.exists()
     with tarfile.open(archive) as tar:
         files = {
-            "/".join(Path(m.name).parts[1:]): tar.extractfile(m).read().decode()  # type: ignore[union-attr]
+            "/".join(Path(m.name).parts[1:]): tar.extractfile(m).read()  # type: ignore[union-attr]
             for m in tar.getmembers()
             if m.isfile()
         }
-    return files, result.stdout
+    # A zip (natscli's audit archive) is given as the list of its members' names.
+    return {
+        name: "\n".join(zipfile.ZipFile(io.BytesIO(data)).namelist()) if name.endswith(".zip") else data.decode()
+        for name, data in files.items()
+    }, result.stdout
 
 
 def identities(cluster: Cluster) -> dict[str, str]:
@@ -70,6 +76,13 @@ def test_collects_every_node_into_one_archive_and_changes_nothing(deployed_lab: 
         assert node.host in files["server-list.txt"], files["server-list.txt"]
         assert f" {node.host} " in files["server-report-jetstream.txt"], files["server-report-jetstream.txt"]
     assert "RAFT Meta Group Information" in files["server-report-jetstream.txt"]
+    # natscli's audit archive: every server's endpoints and every stream of the application account.
+    audit = files["audit-gather.zip"].splitlines()
+    cluster = deployed_lab.nodes[0]["nats_server_cluster_name"]
+    for node in deployed_lab.nodes:
+        assert f"capture/clusters/{cluster}/{node.server_name}/health/0001.json" in audit, audit
+        assert f"capture/clusters/{cluster}/{node.server_name}/jetstream_info/0001.json" in audit, audit
+    assert any("INFRASTRUCTURE_EVENTS" in name for name in audit), audit
     assert deployed_lab.system.password not in output
     assert identities(deployed_lab) == before
 
