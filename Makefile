@@ -9,9 +9,10 @@ BIN := $(VENV)/bin
 SETUP_STAMP := $(VENV)/.setup-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Debian packages the lab needs on the machine (nspawn hosts, base image, partitions).
 LAB_APT_PACKAGES := systemd-container debootstrap nftables iproute2 openssh-client libfuse2
-# Debian's Prometheus, for promtool (the alert rules' checks and tests) and the lab's Prometheus;
-# without its recommends (node exporter), and on this machine nothing starts it.
-TOOL_APT_PACKAGES := prometheus
+# Debian's Prometheus and blackbox exporter, for promtool and the exporter's --config.check (the
+# monitoring role's checks and tests); without their recommends (node exporter), and on this
+# machine nothing starts them.
+TOOL_APT_PACKAGES := prometheus prometheus-blackbox-exporter
 LAB_INVENTORY := inventory/lab
 export ANSIBLE_CONFIG := $(CURDIR)/ansible.cfg
 # rustup installs cargo under ~/.cargo/bin, which a non-login shell (CI) may not have on PATH.
@@ -101,6 +102,7 @@ bench: setup lab-deps clients
 	$(BIN)/python -m benchmarks.durability --candidate always
 	$(BIN)/python -m benchmarks.snapshot_load
 	$(BIN)/python -m benchmarks.security
+	$(BIN)/python -m benchmarks.monitoring
 
 clean: lab-down
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -34,12 +34,13 @@ PACKAGES = (
     "fuse3",
     "libfuse2",
     "python3-fusepy",
-    # For the lab's monitoring host (roles/nats_monitoring installs it where apt can reach Debian;
-    # lab hosts cannot). Disabled in the base: only the role enables it.
+    # For the lab's monitoring host (roles/nats_monitoring installs them where apt can reach
+    # Debian; lab hosts cannot). Disabled in the base: only the role enables them.
     "prometheus",
+    "prometheus-blackbox-exporter",
 )
 # Units the base installs but no host runs until a role enables it.
-DISABLED_UNITS = ("prometheus.service",)
+DISABLED_UNITS = ("prometheus.service", "prometheus-blackbox-exporter.service")
 MOUNT_HELPER = "usr/sbin/mount.cimnfs"
 EXPORT_DIR = "srv/cimstor-export"
 # Units that would wake up in a lab host and reach for the network or disturb tests.

@@ -26,11 +26,14 @@ NATS_SERVER_DEFAULTS = REPO / "roles" / "nats_server" / "defaults" / "main.yml"
 # Every metric a rule may use: Prometheus's own `up`, and what prometheus-nats-exporter v0.12.0
 # (-varz -connz -routez -subz -healthz -jsz=all -use_internal_server_name) exported against a
 # real nats-server 2.15.1 (a loopback trio with an R3 stream and a consumer; the stale-NFS case
-# through nats_lab/cimnfs.py). A misspelt metric is no error to PromQL, only an alert that never
-# fires.
+# through nats_lab/cimnfs.py); and what Debian's blackbox exporter (0.23) exports for a TCP probe
+# with TLS (job nats_tls; seen on the lab by tests/lab_deploy/test_alerts.py). A misspelt metric
+# is no error to PromQL, only an alert that never fires.
 EXPORTED_METRICS = frozenset(
     {
         "up",
+        "probe_success",
+        "probe_ssl_earliest_cert_expiry",
         "gnatsd_healthz_status",
         "gnatsd_routez_num_routes",
         "gnatsd_varz_jetstream_config_max_memory",

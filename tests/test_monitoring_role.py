@@ -13,7 +13,6 @@ prometheus); without them those tests skip, and fail with CI=true.
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import signal
@@ -29,7 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.helpers import BIN, LAB_INVENTORY, PHX_INVENTORY, REPO, inventory_vars
+from tests.helpers import BIN, LAB_INVENTORY, PHX_INVENTORY, REPO, inventory_vars, missing_in_ci_fails
 from tests.local_nats import free_port
 from tests.offline import OfflineRun, assert_one_short_refusal, make_inventory, run_offline, run_offline_playbook
 
@@ -45,16 +44,13 @@ EXPORTERS = {
     "lab": ["10.231.20.11:7777", "10.231.20.12:7777", "10.231.20.13:7777"],
     "phx": ["10.0.20.1:7777", "10.0.20.2:7777", "10.0.20.3:7777"],
 }
-FIRST_ROLE_TASK = "Install | Debian's prometheus package"
+FIRST_ROLE_TASK = "Install | Debian's prometheus and blackbox exporter packages"
 
 
-def debian_binary(name: str) -> str:
+def debian_binary(name: str, package: str = "prometheus") -> str:
     found = shutil.which(name)
     if found is None:
-        message = f"{name} not found (Debian 12: apt-get install prometheus)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        missing_in_ci_fails(f"{name} not found (Debian 12: apt-get install {package}; make lab-deps does)")
     return found
 
 
@@ -66,6 +62,11 @@ def promtool() -> str:
 @pytest.fixture(scope="module")
 def prometheus() -> str:
     return debian_binary("prometheus")
+
+
+@pytest.fixture(scope="module")
+def blackbox_exporter() -> str:
+    return debian_binary("prometheus-blackbox-exporter", "prometheus-blackbox-exporter")
 
 
 def alert_names() -> list[str]:
@@ -92,6 +93,8 @@ class Rendered:
     installed: dict[str, Any]  # prometheus.yml as the role installs it
     checked: Path  # the same, naming the test's copy of the rules file, for promtool
     flags: str  # /etc/default/prometheus
+    blackbox: Path  # /etc/prometheus/blackbox.yml
+    blackbox_flags: str  # /etc/default/prometheus-blackbox-exporter
     run: OfflineRun
 
 
@@ -131,6 +134,8 @@ def render(directory: Path, inventory: Path, *extra: str) -> Rendered:
                         template("prometheus.yml.j2", "installed.yml"),
                         template("prometheus.yml.j2", "checked.yml", _nats_monitoring_rules_file=str(rules)),
                         template("prometheus.default.j2", "default"),
+                        template("blackbox.yml.j2", "blackbox.yml"),
+                        template("prometheus-blackbox-exporter.default.j2", "blackbox-default"),
                     ],
                 }
             ]
@@ -152,6 +157,8 @@ def render(directory: Path, inventory: Path, *extra: str) -> Rendered:
         installed=yaml.safe_load((directory / "installed.yml").read_text()),
         checked=directory / "checked.yml",
         flags=(directory / "default").read_text(),
+        blackbox=directory / "blackbox.yml",
+        blackbox_flags=(directory / "blackbox-default").read_text(),
         run=run,
     )
 
@@ -203,6 +210,53 @@ def test_one_target_per_member_labelled_with_node_and_cluster(rendered: tuple[st
     assert job(result.installed, "nats").get("honor_labels") is False
     address = monitoring_settings(name, result.host)["ansible_host"]
     assert static_targets(result.installed, "prometheus") == [([f"{address}:9090"], {})]
+
+
+def test_each_members_monitor_certificate_is_probed_through_the_local_blackbox_exporter(
+    rendered: tuple[str, Rendered],
+) -> None:
+    name, result = rendered
+    members = ["nats-1", "nats-2", "nats-3"]
+    monitors = [address.replace(":7777", ":8222") for address in EXPORTERS[name]]
+    expected = [
+        ([monitor], {"node": node, "cluster": "phx-cluster"}) for node, monitor in zip(members, monitors, strict=True)
+    ]
+    assert static_targets(result.installed, "nats_tls") == expected
+    probe = job(result.installed, "nats_tls")
+    assert probe["metrics_path"] == "/probe" and probe["params"] == {"module": ["nats_tls"]}
+    # The member's address becomes the probe's target and stays the instance; the blackbox
+    # exporter on loopback is what Prometheus calls.
+    assert probe["relabel_configs"] == [
+        {"source_labels": ["__address__"], "target_label": "__param_target"},
+        {"source_labels": ["__param_target"], "target_label": "instance"},
+        {"target_label": "__address__", "replacement": "127.0.0.1:9115"},
+    ]
+    module = yaml.safe_load(result.blackbox.read_text())["modules"]["nats_tls"]
+    assert module["prober"] == "tcp" and module["tcp"]["tls"] is True
+    assert module["tcp"]["tls_config"]["ca_file"] == "/etc/prometheus/nats-ca.crt"
+    assert "insecure_skip_verify" not in module["tcp"]["tls_config"]
+    assert flag_args(result.blackbox_flags) == [
+        "--config.file=/etc/prometheus/blackbox.yml",
+        "--web.listen-address=127.0.0.1:9115",
+    ]
+
+
+def test_the_blackbox_exporter_accepts_its_config_and_refuses_a_misspelt_one(
+    rendered: tuple[str, Rendered], blackbox_exporter: str, tmp_path: Path
+) -> None:
+    """The role's validate: `--config.check` reads the config strictly (unknown fields fail)."""
+    _, result = rendered
+
+    def check(path: Path) -> subprocess.CompletedProcess[str]:
+        command = [blackbox_exporter, "--config.check", f"--config.file={path}"]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, check=False)
+
+    accepted = check(result.blackbox)
+    assert accepted.returncode == 0, accepted.stdout + accepted.stderr
+    misspelt = tmp_path / "blackbox.yml"
+    misspelt.write_text(result.blackbox.read_text().replace("tls_config:", "tls_confg:"))
+    refused = check(misspelt)
+    assert refused.returncode != 0 and "tls_confg" in refused.stdout + refused.stderr
 
 
 def test_intervals_retention_listen_address_and_rules_path(rendered: tuple[str, Rendered]) -> None:

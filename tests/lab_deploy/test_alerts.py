@@ -5,25 +5,16 @@ hit, and every alert clears once the fault is healed. The time from fault to fir
 
 from __future__ import annotations
 
-import json
 import time
-import urllib.request
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 import yaml
 
-from tests.helpers import (
-    LAB_INVENTORY,
-    REPO,
-    assert_nothing_lost,
-    inventory_vars,
-    nats_lab,
-    role_defaults,
-    run_playbook,
-    wait_healthy,
-)
+from tests.helpers import LAB_INVENTORY, REPO, assert_nothing_lost, nats_lab, run_playbook, wait_healthy
+from tests.lab_prometheus import api, query, wait_for
+from verify import monitor
 from verify.inventory import Cluster
 from verify.load import BackgroundPublisher
 
@@ -44,40 +35,26 @@ FIRE_WITHIN = 120
 CLEAR_WITHIN = 120
 
 
-def prometheus_url() -> str:
-    data = inventory_vars(LAB_INVENTORY)
-    (monitor,) = data["nats_monitoring"]["hosts"]
-    settings = role_defaults("nats_monitoring") | data["_meta"]["hostvars"][monitor]
-    return f"http://{settings['ansible_host']}:{settings['nats_monitoring_port']}"
-
-
-def firing() -> list[dict[str, str]]:
-    """The labels of every firing alert."""
-    with urllib.request.urlopen(f"{prometheus_url()}/api/v1/alerts", timeout=5) as answer:
-        alerts: list[dict[str, Any]] = json.load(answer)["data"]["alerts"]
-    return [a["labels"] for a in alerts if a["state"] == "firing"]
-
-
-def wait_for(condition: Any, seconds: float, what: str) -> tuple[float, list[dict[str, str]]]:
-    start = time.monotonic()
-    while True:
-        now = firing()
-        if condition(now):
-            return time.monotonic() - start, now
-        if time.monotonic() - start > seconds:
-            raise AssertionError(f"{what} not within {seconds:g} s; firing: {now}")
-        time.sleep(1)
-
-
-def test_prometheus_scrapes_every_node_and_nothing_fires(deployed_lab: Cluster) -> None:
+def test_prometheus_scrapes_every_node_and_its_certificate_and_nothing_fires(deployed_lab: Cluster) -> None:
     wait_healthy(deployed_lab)
-    with urllib.request.urlopen(f"{prometheus_url()}/api/v1/targets", timeout=5) as answer:
-        targets = json.load(answer)["data"]["activeTargets"]
-    nats = {t["labels"]["node"]: t for t in targets if t["labels"]["job"] == "nats"}
-    assert sorted(nats) == sorted(n.host for n in deployed_lab.nodes), targets
+    targets = api("targets")["activeTargets"]
     cluster = deployed_lab.nodes[0]["nats_server_cluster_name"]
-    assert {t["labels"]["cluster"] for t in nats.values()} == {cluster}
-    wait_for(lambda now: all(t["health"] == "up" for t in nats.values()), 1, "every target up")
+    for job in ("nats", "nats_tls"):
+        found = {t["labels"]["node"]: t for t in targets if t["labels"]["job"] == job}
+        assert sorted(found) == sorted(n.host for n in deployed_lab.nodes), targets
+        assert {t["labels"]["cluster"] for t in found.values()} == {cluster}
+        assert all(t["health"] == "up" for t in found.values()), found
+    # The probe reads the certificate each server has loaded (the earliest end in its chain: the
+    # node's, the CA's is later), not a file.
+    probed = query('probe_ssl_earliest_cert_expiry{job="nats_tls"}')
+    loaded = {
+        n.host: datetime.strptime(monitor.get_json(n.monitor_url, "/varz")["tls_cert_not_after"], "%Y-%m-%dT%H:%M:%SZ")
+        .replace(tzinfo=UTC)
+        .timestamp()
+        for n in deployed_lab.nodes
+    }
+    assert probed == loaded, (probed, loaded)
+    assert query('probe_success{job="nats_tls"}') == dict.fromkeys(loaded, 1.0)
     waited, _ = wait_for(lambda now: not now, 60, "a quiet healthy cluster")
     print(f"healthy: no alert firing ({waited:.0f} s after the cluster answered healthy)")
 

@@ -26,11 +26,14 @@ from tests.helpers import (
     service_identities,
     wait_healthy,
 )
+from tests.lab_prometheus import wait_for
 from verify import monitor
 from verify.client import connect_tls_or_nothing
 from verify.inventory import Cluster
 
 pytestmark = pytest.mark.lab
+
+EXPIRY_ALERT = "NatsCertificateExpiringSoon"
 
 
 def test_a_leaked_secret_in_a_log_is_found_and_not_repeated(deployed_lab: Cluster, tmp_path: Path) -> None:
@@ -187,6 +190,7 @@ def short_lived_certificates(deployed_lab: Cluster) -> Iterator[Cluster]:
         (datetime.strptime(v, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC) - datetime.now(UTC)).days > 300
         for v in _loaded_not_after(deployed_lab).values()
     )
+    wait_for(lambda now: all(a["alertname"] != EXPIRY_ALERT for a in now), 120, f"{EXPIRY_ALERT} cleared")
 
 
 def test_rotated_certificates_are_reloaded_without_restart_and_warned_near_expiry(
@@ -213,3 +217,11 @@ def test_rotated_certificates_are_reloaded_without_restart_and_warned_near_expir
     warned = {w.split(":")[0] for w in report["warnings"] if "certificate expires in" in w}
     assert warned == {"nats-1", "nats-2", "nats-3"}, report["warnings"]
     assert "WARNING nats-1: the client certificate expires in" in output
+    # Prometheus's certificate probe sees the loaded certificates and alerts on every node.
+    nodes = {n.host for n in cluster.nodes}
+    fired_after, _ = wait_for(
+        lambda now: {a.get("node") for a in now if a["alertname"] == EXPIRY_ALERT} == nodes,
+        120,
+        f"{EXPIRY_ALERT} on {sorted(nodes)}",
+    )
+    print(f"{EXPIRY_ALERT} fired for every node {fired_after:.0f} s after site.yml loaded 10-day certificates")
