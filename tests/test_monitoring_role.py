@@ -444,11 +444,17 @@ def wait_for(what: str, check: Any, process: subprocess.Popen[bytes], log: Path,
 
 @pytest.fixture
 def loopback_render(tmp_path: Path) -> tuple[Path, Rendered, dict[str, int], int]:
-    """A copy of the lab inventory whose members' exporters are loopback ports where nothing
-    listens, and a monitoring host on 127.0.0.1 with a free port: nothing leaves the machine."""
+    """A copy of the lab inventory whose members' exporters and monitors (the certificate probe's
+    targets) are loopback ports where nothing listens, and a monitoring host on 127.0.0.1 with a
+    free port: nothing leaves the machine."""
     exporter_ports = {f"nats-{i}": free_port() for i in (1, 2, 3)}
     host_vars = {
-        node: {"nats_exporter_listen_address": "127.0.0.1", "nats_exporter_port": port}
+        node: {
+            "nats_exporter_listen_address": "127.0.0.1",
+            "nats_exporter_port": port,
+            "nats_server_monitor_host": "127.0.0.1",
+            "nats_server_monitor_port": free_port(),
+        }
         for node, port in exporter_ports.items()
     }
     inventory = make_inventory(tmp_path, {"host_vars": host_vars})
@@ -456,6 +462,9 @@ def loopback_render(tmp_path: Path) -> tuple[Path, Rendered, dict[str, int], int
     out = tmp_path / "out"
     loopback = ("-e", "nats_monitoring_listen_address=127.0.0.1", "-e", f"nats_monitoring_port={port}")
     result = render(out, inventory, *loopback)
+    for scrape in ("nats", "nats_tls"):
+        targets = [t for group, _ in static_targets(result.installed, scrape) for t in group]
+        assert all(t.startswith("127.0.0.1:") for t in targets), targets
     return inventory, result, exporter_ports, port
 
 
