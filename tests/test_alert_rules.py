@@ -24,7 +24,7 @@ UNIT_TESTS = REPO / "tests" / "alert_rules" / "nats-alerts.test.yml"
 NATS_SERVER_DEFAULTS = REPO / "roles" / "nats_server" / "defaults" / "main.yml"
 
 # Every metric a rule may use: Prometheus's own `up`, and what prometheus-nats-exporter v0.12.0
-# (-varz -connz -routez -subz -healthz -jsz=all -use_internal_server_name) exported against a
+# (-varz -connz -routez -subz -healthz -jsz=streams -use_internal_server_name) exported against a
 # real nats-server 2.15.1 (a loopback trio with an R3 stream and a consumer; the stale-NFS case
 # through nats_lab/cimnfs.py); and what Debian's blackbox exporter (0.23) exports for a TCP probe
 # with TLS (job nats_tls; seen on the lab by tests/lab_deploy/test_alerts.py). A misspelt metric

@@ -103,6 +103,7 @@ PREFIXES = {"jetstream_backup": ("jetstream_backup_", "jetstream_restore_")}
         "jetstream_backup",
         "nats_exporter",
         "nats_monitoring",
+        "natscli",
     ],
 )
 def test_argument_specs_document_every_default(role: str) -> None:

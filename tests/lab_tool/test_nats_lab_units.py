@@ -7,7 +7,10 @@ import hashlib
 import io
 import os
 import shutil
+import stat
 import tarfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -141,6 +144,65 @@ def test_the_mirror_packs_the_exporter_version_the_role_installs() -> None:
     repo = find_repo()
     installed = yaml.safe_load((repo / "roles/nats_exporter/defaults/main.yml").read_text())["nats_exporter_version"]
     assert mirror.exporter_version(repo) == installed
+
+
+def test_natscli_archive_is_wrapped_in_its_directory_like_its_release() -> None:
+    archive = mirror.make_natscli_archive("9.9.9", b"nats-bytes", b"LICENSE TEXT")
+    assert archive == mirror.make_natscli_archive("9.9.9", b"nats-bytes", b"LICENSE TEXT")
+    top = "nats-9.9.9-linux-amd64"
+    with zipfile.ZipFile(io.BytesIO(archive)) as zipped:
+        members = {info.filename: info for info in zipped.infolist()}
+        assert set(members) == {f"{top}/LICENSE", f"{top}/README.md", f"{top}/nats"}
+        assert members[f"{top}/nats"].external_attr >> 16 == stat.S_IFREG | 0o755
+        assert members[f"{top}/LICENSE"].external_attr >> 16 == stat.S_IFREG | 0o644
+        assert {info.date_time for info in members.values()} == {time.gmtime(mirror.ARCHIVE_MTIME)[:6]}
+        assert zipped.read(f"{top}/nats") == b"nats-bytes"
+        assert zipped.read(f"{top}/LICENSE") == b"LICENSE TEXT"
+        assert "natscli v9.9.9" in zipped.read(f"{top}/README.md").decode()
+    assert mirror.natscli_archive_name("0.5.0") == "nats-0.5.0-linux-amd64.zip"
+
+
+def test_natscli_is_packed_beside_its_sha256sums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    built = tmp_path / "build" / "nats"
+    built.parent.mkdir()
+    built.write_bytes(b"nats-bytes")
+    monkeypatch.setattr(mirror, "natscli_binary", lambda version: built)
+    mirror._pack_natscli(tmp_path / "tree", "0.5.0", b"license")
+    out = tmp_path / "tree" / "natscli" / "v0.5.0"
+    assert sorted(p.name for p in out.iterdir()) == ["SHA256SUMS", "nats-0.5.0-linux-amd64.zip"]
+    archive = (out / "nats-0.5.0-linux-amd64.zip").read_bytes()
+    assert archive == mirror.make_natscli_archive("0.5.0", b"nats-bytes", b"license")
+    digest = hashlib.sha256(archive).hexdigest()
+    assert (out / "SHA256SUMS").read_text() == f"{digest}  nats-0.5.0-linux-amd64.zip\n"
+
+
+def test_packing_natscli_before_it_is_built_names_the_make_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mirror, "natscli_binary", lambda version: tmp_path / "absent" / "nats")
+    with pytest.raises(LabError, match="make natscli"):
+        mirror._pack_natscli(tmp_path / "tree", "0.5.0", b"license")
+
+
+def test_natscli_version_is_read_from_clients_natscli_mk(tmp_path: Path) -> None:
+    makefile = tmp_path / "clients" / "natscli.mk"
+    makefile.parent.mkdir()
+    makefile.write_text("GO ?= go\nNATSCLI_VERSION := v1.2.3\n")
+    assert mirror.natscli_version(tmp_path) == "1.2.3"
+    makefile.write_text("NATSCLI_VERSION := latest\n")
+    with pytest.raises(LabError, match="NATSCLI_VERSION"):
+        mirror.natscli_version(tmp_path)
+
+
+def test_the_mirror_packs_the_natscli_version_the_role_installs() -> None:
+    """One version, two readers: the make target that builds it and the role's default."""
+    repo = find_repo()
+    installed = yaml.safe_load((repo / "roles/natscli/defaults/main.yml").read_text())["natscli_version"]
+    assert mirror.natscli_version(repo) == installed
+
+
+def test_a_new_natscli_version_is_a_new_mirror_tree() -> None:
+    assert mirror.recipe_hash("0.12.0", "0.5.0") != mirror.recipe_hash("0.12.0", "0.5.1")
 
 
 def test_two_versions_are_served() -> None:
