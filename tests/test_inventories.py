@@ -41,6 +41,8 @@ LAB_ONLY_DIFFERENCES = {
     "nats_server_lame_duck_grace_period_seconds",
     # The lab's backup sets go under the checkout's build/ (production: /var/backups/nats-jetstream).
     "jetstream_backup_dir",
+    # The lab has no internet: natscli.yml fetches the release from the lab's mirror.
+    "natscli_release_base_url",
 }
 
 
