@@ -110,6 +110,7 @@ bench: setup lab-deps clients
 	$(BIN)/python -m benchmarks.eventstore
 	$(BIN)/python -m benchmarks.remediation
 	$(BIN)/python -m benchmarks.durability --candidate always
+	$(BIN)/python -m benchmarks.sync_local
 	$(BIN)/python -m benchmarks.snapshot_load
 	$(BIN)/python -m benchmarks.security
 	$(BIN)/python -m benchmarks.monitoring

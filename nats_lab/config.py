@@ -17,6 +17,9 @@ CLUSTER_GROUP = "nats_cluster"
 # Hosts that watch the cluster from outside its site: up, down, ssh and single-host faults reach
 # them; a site-wide fault (power-loss all) does not.
 MONITORING_GROUP = "nats_monitoring"
+# Hosts that run the scheduled backup (playbooks/backup-schedule.yml): lab machines that see the
+# checkout, read-only at its own path, so the job runs this repository as an operations host would.
+BACKUP_GROUP = "nats_backup_host"
 CACHE_NAME = "cim-nats-infra"
 # IFNAMSIZ - 1: longer names are hashed by systemd-nspawn and could not be predicted here.
 MAX_IFNAME = 15
@@ -50,6 +53,9 @@ class Lab:
     ssh_key: Path
     ssh_common_args: tuple[str, ...]
     monitors: tuple[Host, ...] = ()
+    backup_hosts: frozenset[str] = frozenset()
+    # A file every lab host has, telling the preflight that lab addresses are on its own link.
+    host_marker: str = "/etc/cim-nats-lab-host"
 
     @property
     def machines(self) -> tuple[Host, ...]:
@@ -145,6 +151,8 @@ def load_lab(repo: Path) -> Lab:
             mirror_port=int(gvars["lab_mirror_port"]),
             hosts=hosts,
             monitors=group_hosts(MONITORING_GROUP),
+            backup_hosts=frozenset(str(name) for name in (top["children"].get(BACKUP_GROUP) or {}).get("hosts") or {}),
+            host_marker=str(gvars["lab_host_marker"]),
             ssh_user=str(gvars.get("ansible_user", "ansible")),
             ssh_key=_resolve_inventory_path(str(gvars["ansible_ssh_private_key_file"]), path.parent),
             ssh_common_args=tuple(shlex.split(str(gvars.get("ansible_ssh_common_args", "")))),
@@ -154,6 +162,9 @@ def load_lab(repo: Path) -> Lab:
     for host in lab.machines:
         if len(host.veth) > MAX_IFNAME:
             raise LabError(f"host name {host.name!r} is too long for an interface name")
+    unknown = sorted(lab.backup_hosts - {host.name for host in lab.machines})
+    if unknown:
+        raise LabError(f"{path}: {BACKUP_GROUP} names {', '.join(unknown)}, not a lab machine")
     if len(lab.bridge) > MAX_IFNAME:
         raise LabError(f"bridge name {lab.bridge!r} is too long")
     return lab

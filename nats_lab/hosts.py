@@ -88,6 +88,16 @@ def _mkdirs_like(base_root: Path, upper: Path, rel: str) -> Path:
     return current_upper
 
 
+def _traversable_like(base_root: Path, upper: Path, path: Path) -> None:
+    """Let any account reach PATH's bind mount: each existing ancestor in the image that others
+    cannot enter (the image's /root is 0700) gets o+x in the upper dir."""
+    for ancestor in reversed(path.parents[:-1]):
+        rel = str(ancestor.relative_to("/"))
+        if (base_root / rel).is_dir() and not (base_root / rel).stat().st_mode & 0o001:
+            made = _mkdirs_like(base_root, upper, rel)
+            made.chmod(made.stat().st_mode | 0o001)
+
+
 def _write(path: Path, text: str, mode: int = 0o644, owner: tuple[int, int] = (0, 0)) -> None:
     path.write_text(text)
     os.chown(path, *owner)
@@ -117,6 +127,11 @@ def prepare(lab: Lab, host: Host, base_dir: Path) -> None:
     lines = ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]
     lines += [f"{h.address}\t{h.name}" for h in lab.machines]
     _write(etc / "hosts", "\n".join(lines) + "\n")
+    marker = _mkdirs_like(root, tmp, str(Path(lab.host_marker.lstrip("/")).parent)) / Path(lab.host_marker).name
+    _write(marker, f"{lab.bridge}\n")
+    if host.name in lab.backup_hosts:
+        for path in checkout_binds(lab):
+            _traversable_like(root, tmp, path)
     network = _mkdirs_like(root, tmp, str(Path(NETWORK_FILE).parent)) / Path(NETWORK_FILE).name
     _write(
         network,
@@ -137,8 +152,22 @@ def prepare(lab: Lab, host: Host, base_dir: Path) -> None:
     tmp.rename(upper)
 
 
+def checkout_binds(lab: Lab) -> list[Path]:
+    """What a backup host needs to run the checkout's ansible-playbook: the checkout and the
+    Python installation its venv was made from (pyvenv.cfg's home), both at their own paths."""
+    binds = [lab.repo]
+    config = lab.repo / ".venv" / "pyvenv.cfg"
+    if config.is_file():
+        for line in config.read_text().splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "home":
+                binds.append(Path(value.strip()).parent)
+    return binds
+
+
 def nspawn_argv(lab: Lab, host: Host, base_dir: Path) -> list[str]:
     root = base.rootfs(base_dir)
+    binds = [f"--bind-ro={path}" for path in checkout_binds(lab)] if host.name in lab.backup_hosts else []
     return [
         "systemd-nspawn",
         "--quiet",
@@ -156,6 +185,7 @@ def nspawn_argv(lab: Lab, host: Host, base_dir: Path) -> list[str]:
         "--console=read-only",
         "--bind=/dev/fuse",
         f"--bind={lab.share_dir}:{EXPORT_MOUNT}",
+        *binds,
     ]
 
 

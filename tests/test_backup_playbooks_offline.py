@@ -143,13 +143,15 @@ def test_the_scheduled_job_units_pass_systemd_analyze_verify(tmp_path: Path) -> 
     unit = service.read_text()
     ansible_playbook = REPO / ".venv" / "bin" / "ansible-playbook"
     assert (
-        f"ExecStart={ansible_playbook} -i {REPO}/inventory/phx --vault-password-file "
+        f"ExecStart={ansible_playbook} -i {REPO}/inventory/phx -e @/etc/nats-jetstream-backup/phx-cluster.yml "
+        "--vault-password-file "
         f"/etc/nats-jetstream-backup/phx-cluster.vault-password {REPO}/playbooks/backup-streams.yml\n"
     ) in unit
     for line in (
         "Type=oneshot",
         "User=nats-backup",
         "ReadWritePaths=/var/backups/nats-jetstream",
+        f"BindReadOnlyPaths={REPO}\n",
         "ProtectSystem=strict",
         "NoNewPrivileges=true",
         "CapabilityBoundingSet=\n",

@@ -25,6 +25,7 @@ LAB_ONLY_DIFFERENCES = {
     "lab_bridge_name",
     "lab_bridge_address",
     "lab_mirror_port",
+    "lab_host_marker",
     # Where TLS material and secrets come from: the lab issues its own certificates and keeps its
     # passwords in a vault committed with it; production's are the site's own.
     "nats_pki_issue_certificates",

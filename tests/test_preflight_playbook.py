@@ -161,7 +161,7 @@ CASES: dict[str, tuple[dict[str, Any], str]] = {
     "cluster group misspelt": (
         {"group_vars": {"nats_server_cluster_group": "nats_clustr"}},
         'nats_server_cluster_group "nats_clustr" is not a group of this inventory '
-        "(its groups: nats_cluster, nats_monitoring)",
+        "(its groups: nats_backup_host, nats_cluster, nats_monitoring)",
     ),
     "a list where a number belongs": (
         {"group_vars": {"nats_server_client_port": [4222]}},

@@ -4,8 +4,10 @@
 it publishes is lost); the cluster's whole JetStream state is wiped (reset-jetstream cluster mode
 without its own restore, so INFRASTRUCTURE_EVENTS comes back empty); the restore brings every event
 back with its sequence, subject, headers, payload and timestamp, and replaces the empty declared
-stream with its saved copy. A drill on the live cluster changes nothing. A stream holding data the
-set lacks is refused, and replaced only when named and confirmed, saved first. Timings printed.
+stream with its saved copy. The scheduled job (backup-schedule.yml) takes a set on monitor-1 under
+its hardened unit, and a drill of that set on the live cluster restores it and changes nothing. A
+stream holding data the set lacks is refused, and replaced only when named and confirmed, saved
+first. Timings printed.
 """
 
 from __future__ import annotations
@@ -20,12 +22,17 @@ from typing import Any
 import pytest
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
+from nats_lab.config import load_lab
+from nats_lab.hosts import upper_dir
 from tests.helpers import (
     CLUSTER_RESET,
     LAB_INVENTORY,
+    REPO,
     assert_nothing_lost,
     delete_stream,
     nats_verify,
+    on,
+    recap,
     run_playbook,
     service_identities,
     wait_healthy,
@@ -36,6 +43,7 @@ from verify.load import BackgroundPublisher, connect
 pytestmark = pytest.mark.lab
 
 BACKUP, RESTORE, RESET = "backup-streams.yml", "remediate/restore-streams.yml", "remediate/reset-jetstream.yml"
+SCHEDULE, BACKUP_HOST, BACKUP_UNIT = "backup-schedule.yml", "monitor-1", "nats-jetstream-backup-phx-cluster"
 STREAM, EVENTS = "LAB_BACKUP", 10_000
 DECLARED = "INFRASTRUCTURE_EVENTS"
 
@@ -202,11 +210,34 @@ def test_backup_wipe_and_restore_bring_every_event_back(healthy_lab: Cluster, tm
     )
 
 
-def test_the_drill_on_the_live_cluster_changes_nothing(healthy_lab: Cluster, tmp_path: Path) -> None:
+def scheduled_backup() -> tuple[Path, float, str]:
+    """backup-schedule.yml installs the job on the lab's backup host, and one start of its service
+    takes a set there, as the timer would: the set (read from the host's own disk, the overlay's
+    upper directory), the seconds the service ran, and its journal."""
+    result = run_playbook(SCHEDULE, LAB_INVENTORY, timeout=300)
+    assert result.returncode == 0, result.stdout[-4000:]
+    assert recap(result.stdout).keys() == {BACKUP_HOST}, result.stdout[-3000:]
+    unit = f"{BACKUP_UNIT}.service"
+    started = time.monotonic()
+    on(BACKUP_HOST, f"systemctl start {unit} || {{ journalctl -u {unit} -o cat --no-pager | tail -60; exit 1; }}", 600)
+    elapsed = time.monotonic() - started
+    journal = " ".join(on(BACKUP_HOST, f"journalctl -u {unit} -o cat --no-pager").split())
+    sets = re.findall(r"Backup set (\S+):", journal)
+    assert sets, journal[-3000:]
+    owner = on(BACKUP_HOST, f"stat -c '%U %a' {sets[-1]}").split()
+    assert owner == ["nats-backup", "700"], owner
+    lab = load_lab(REPO)
+    return upper_dir(lab, lab.host(BACKUP_HOST)) / sets[-1].lstrip("/"), elapsed, journal
+
+
+def test_the_scheduled_set_restores_in_a_drill_that_changes_nothing_live(healthy_lab: Cluster, tmp_path: Path) -> None:
     cluster = healthy_lab
     delete_stream(cluster, STREAM)
     asyncio.run(_fill(cluster, count=500))
-    backup_set, _, _ = backup(tmp_path)
+    backup_set, job_seconds, journal = scheduled_backup()
+    assert f"{STREAM}: 499 messages (seq 1-500)" in journal, journal[-3000:]
+    exposure = on(BACKUP_HOST, f"systemd-analyze security --no-pager {BACKUP_UNIT}.service | tail -1").strip()
+    print(f"scheduled backup on {BACKUP_HOST}: {job_seconds:.1f} s, {exposure}")
     asyncio.run(_publish(cluster, "labbackup.late", b"after the backup"))  # live differs from the set
     before, identities = asyncio.run(_streams(cluster)), service_identities(cluster)
     started = time.monotonic()
@@ -218,7 +249,7 @@ def test_the_drill_on_the_live_cluster_changes_nothing(healthy_lab: Cluster, tmp
     assert service_identities(cluster) == identities
     assert not list((tmp_path / "backups").glob(".restore-drill-*"))
     delete_stream(cluster, STREAM)
-    print(f"restore drill of the lab's set (release fetched from the lab mirror): {elapsed:.1f} s")
+    print(f"restore drill of the scheduled set (release fetched from the lab mirror): {elapsed:.1f} s")
 
 
 def test_a_stream_holding_data_is_replaced_only_when_named_and_confirmed(healthy_lab: Cluster, tmp_path: Path) -> None:

@@ -238,6 +238,46 @@ def test_inventory_is_the_source_of_addresses() -> None:
         lab.host("nats-9")
 
 
+def test_only_the_backup_host_sees_the_checkout_and_its_python(tmp_path: Path) -> None:
+    repo = tmp_path / "checkout"
+    shutil.copytree(find_repo() / "inventory/lab", repo / "inventory/lab")
+    (repo / ".venv").mkdir()
+    (repo / ".venv/pyvenv.cfg").write_text("home = /opt/python-3.11/bin\ninclude-system-site-packages = false\n")
+    lab = load_lab(repo)
+    assert lab.backup_hosts == {"monitor-1"} and lab.host_marker == "/etc/cim-nats-lab-host"
+    assert hosts.checkout_binds(lab) == [repo, Path("/opt/python-3.11")]
+    argv = {host.name: hosts.nspawn_argv(lab, host, tmp_path / "base") for host in lab.machines}
+    binds = [f"--bind-ro={repo}", "--bind-ro=/opt/python-3.11"]
+    assert [a for a in argv["monitor-1"] if a.startswith("--bind-ro=")] == binds
+    assert not [a for name in ("nats-1", "nats-2", "nats-3") for a in argv[name] if a.startswith("--bind-ro=")]
+
+
+def test_a_backup_host_outside_the_lab_is_refused(tmp_path: Path) -> None:
+    shutil.copytree(find_repo() / "inventory/lab", tmp_path / "inventory/lab")
+    hosts_file = tmp_path / "inventory/lab/hosts.yml"
+    hosts_file.write_text(
+        hosts_file.read_text().replace(
+            "    nats_backup_host:\n      hosts:\n        monitor-1:",
+            "    nats_backup_host:\n      hosts:\n        ops-9:",
+        )
+    )
+    with pytest.raises(LabError, match="nats_backup_host names ops-9, not a lab machine"):
+        load_lab(tmp_path)
+
+
+def test_a_bound_path_under_a_closed_directory_is_made_reachable(tmp_path: Path) -> None:
+    image, upper = tmp_path / "image", tmp_path / "upper"
+    (image / "root").mkdir(parents=True, mode=0o700)
+    (image / "root").chmod(0o700)
+    (image / "opt").mkdir(mode=0o755)
+    upper.mkdir()
+    hosts._traversable_like(image, upper, Path("/root/.pyenv/versions/3.11.7"))
+    hosts._traversable_like(image, upper, Path("/opt/cim-nats-infra"))
+    # Only the closed directory the image has is opened, for entering (o+x), not for listing.
+    assert (upper / "root").stat().st_mode & 0o7777 == 0o701
+    assert not (upper / "root/.pyenv").exists() and not (upper / "opt").exists()
+
+
 def test_cli_unknown_host_lists_valid_ones(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["ssh", "nats-9", "--", "true"]) == 1
     err = capsys.readouterr().err
