@@ -26,7 +26,10 @@ kinds (`nats-lab heal [HOST]` undoes them; `status` lists the active ones):
                  its fstab mounts the share, as after a real outage
   isolate        drop every packet to and from HOST
   cut-routes     drop HOST's cluster route port (--port) to and from the others
-  stale-storage  HOST's cimnfs mounts answer ESTALE (heal: lazy unmount, mount, restart)"""
+  stale-storage  HOST's cimnfs mounts answer ESTALE (heal: lazy unmount, mount, restart)
+  destroy        HOST is gone for good: killed, its disk and identity removed, and its
+                 JetStream directory on the share; heal leaves it gone, `nats-lab up` creates
+                 it again, new and empty (a replacement at the same name and address)"""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,7 +87,9 @@ def _fault(lab: Lab, kind: str, host_name: str, port: int) -> int:
                 labmod.require_up(lab, host)
         say(faults.power_loss(lab, targets))
         return 0
-    labmod.require_up(lab, targets[0])
+    # A host that is down already can still be destroyed.
+    if kind != "destroy" or not faults.down_kinds(lab, targets[0]):
+        labmod.require_up(lab, targets[0])
     say(faults.inject(lab, kind, targets[0], port))
     return 0
 

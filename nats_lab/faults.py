@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -21,12 +22,14 @@ from nats_lab.config import Host, Lab, LabError
 from nats_lab.ssh import root_command, run_root, ssh_argv
 from nats_lab.util import kill, say, wait_gone
 
-KINDS = ("stop", "kill", "power-loss", "isolate", "cut-routes", "stale-storage")
+KINDS = ("stop", "kill", "power-loss", "isolate", "cut-routes", "stale-storage", "destroy")
 # Undo in this order: a host must be reachable again before anything is done on it, and
 # running (booted again after kill or power-loss) before its storage or service is touched.
-HEAL_ORDER = ("isolate", "cut-routes", "power-loss", "kill", "stale-storage", "stop")
-# After these the host is down until `heal` boots it; how `status` and errors put it.
-DOWN_KINDS = {"kill": "is killed", "power-loss": "has lost power"}
+# A destroyed host is never healed: `nats-lab up` creates it again, new and empty.
+HEAL_ORDER = ("destroy", "isolate", "cut-routes", "power-loss", "kill", "stale-storage", "stop")
+# After these the host is down until `heal` boots it (`up` makes it anew after destroy); how
+# `status` and errors put it.
+DOWN_KINDS = {"kill": "is killed", "power-loss": "has lost power", "destroy": "is destroyed"}
 # `nats-lab fault power-loss all`: the whole site at once.
 ALL_HOSTS = "all"
 # /dev/fuse (misc major 10, minor 229): whoever holds it open serves a FUSE mount.
@@ -105,16 +108,66 @@ def cimnfs_mounts(lab: Lab, host: Host) -> list[str]:
     return [fields[1] for fields in (line.split() for line in out.splitlines()) if fields[2] == kind]
 
 
+def recovery(kind: str, host: Host) -> str:
+    """The command that brings HOST back from the down fault KIND."""
+    return "nats-lab up" if kind == "destroy" else f"nats-lab heal {host.name}"
+
+
 def _refuse_if_down(host: Host, mine: dict[str, Any]) -> None:
     for down, words in DOWN_KINDS.items():
         if down in mine:
-            raise LabError(f"{host.name} {words}; heal it first")
+            raise LabError(f"{host.name} {words}; run first: {recovery(down, host)}")
+
+
+def node_share_dir(lab: Lab, host: Host) -> Path:
+    """HOST's JetStream directory on the share: the roles' <mount>/<inventory_hostname>
+    (jetstream_storage_node_dir), as the export sees it."""
+    return lab.share_dir / host.name
+
+
+def destroy(lab: Lab, host: Host) -> str:
+    """HOST is gone for good: its container is killed if it runs, and its disk (the overlay's
+    upper directory, with its identity and keys) and its JetStream directory on the share are
+    removed. `heal` leaves it gone; `nats-lab up` creates it again, new and empty."""
+    faults = load(lab)
+    if "destroy" in faults.get(host.name, {}):
+        return f"{host.name} is already destroyed"
+    launcher = hosts.launcher_pid(lab, host)
+    pid = hosts.init_pid(lab, host)
+    # Recorded first, so nothing mistakes the exit for a crash to recover from; other faults on
+    # the host end with it.
+    faults[host.name] = {"destroy": {}}
+    save(lab, faults)
+    apply_network(lab, faults)
+    if pid is not None:
+        kill(pid, signal.SIGKILL)
+    if launcher is not None and wait_gone([launcher], 10):
+        raise LabError(f"{host.name}: launcher {launcher} still running after the kill")
+    hosts.remove_cgroups(host)
+    shutil.rmtree(lab.host_dir(host), ignore_errors=True)
+    share = node_share_dir(lab, host)
+    removed = share.is_dir()
+    shutil.rmtree(share, ignore_errors=True)
+    stored = f"its JetStream directory {share} removed" if removed else f"no JetStream directory at {share}"
+    return f"destroyed {host.name}: container killed, its disk and identity gone, {stored}; `nats-lab up` makes it anew"
+
+
+def forget_destroyed(lab: Lab) -> list[Host]:
+    """Drop the destroy records (for `up`, which then creates those hosts again)."""
+    faults = load(lab)
+    gone = [host for host in lab.machines if "destroy" in faults.get(host.name, {})]
+    for host in gone:
+        faults.pop(host.name)
+    save(lab, faults)
+    return gone
 
 
 def inject(lab: Lab, kind: str, host: Host, port: int = ROUTE_PORT) -> str:
     """Start fault KIND on HOST (PORT: the one cut-routes cuts); return a one-line description."""
     if kind == "power-loss":
         return power_loss(lab, [host])
+    if kind == "destroy":
+        return destroy(lab, host)
     faults = load(lab)
     mine = faults.setdefault(host.name, {})
     if kind in mine:
@@ -350,6 +403,9 @@ def heal_host(lab: Lab, host: Host, base_dir: Path | None) -> list[str]:
     for kind in HEAL_ORDER:
         if kind not in mine:
             continue
+        if kind == "destroy":
+            done.append(f"{host.name}: destroyed for good, not healed; `nats-lab up` creates it again, new and empty")
+            break
         if kind in ("isolate", "cut-routes"):
             del mine[kind]
             apply_network(lab, faults)

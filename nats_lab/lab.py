@@ -74,6 +74,8 @@ def up(lab: Lab) -> int:
         # Recorded against hosts that are gone (the bridge with them): nothing left to heal.
         say("forgetting faults recorded for a lab that is no longer running")
         faults.save(lab, {})
+    for host in faults.forget_destroyed(lab):
+        say(f"{host.name} was destroyed: creating it again, new and empty")
     if faults.load(lab):
         say("healing active faults first")
         faults.heal(lab, list(lab.machines), recorded_base(lab))
@@ -212,5 +214,5 @@ def print_summary(lab: Lab) -> None:
 def require_up(lab: Lab, host: Host) -> None:
     if not net.bridge_exists(lab) or hosts.launcher_pid(lab, host) is None:
         for kind in faults.down_kinds(lab, host):
-            raise LabError(f"{host.name} {faults.DOWN_KINDS[kind]} (fault); run: nats-lab heal {host.name}")
+            raise LabError(f"{host.name} {faults.DOWN_KINDS[kind]} (fault); run: {faults.recovery(kind, host)}")
         raise LabError("the lab is not up; run: nats-lab up")

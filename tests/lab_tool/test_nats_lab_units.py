@@ -354,7 +354,7 @@ def test_power_loss_of_the_site_kills_every_fuse_daemon_before_any_host(
         assert detail["site"] is True
     # Down hosts are skipped, and other faults refused until heal.
     assert "already down" in faults.power_loss(fake_lab, list(fake_lab.hosts))
-    with pytest.raises(LabError, match="nats-1 has lost power; heal it first"):
+    with pytest.raises(LabError, match="nats-1 has lost power; run first: nats-lab heal nats-1"):
         faults.inject(fake_lab, "stop", fake_lab.hosts[0])
     assert faults.down_kinds(fake_lab, fake_lab.hosts[0]) == ["power-loss"]
 
@@ -407,6 +407,38 @@ def test_heal_brings_power_back_to_every_host_at_once(
     # The boot cleared the stale flags too (they live in /run): nothing is left to heal.
     assert faults.load(fake_lab) == {}
     assert "power back" in capsys.readouterr().out
+
+
+def test_destroy_removes_the_host_and_its_store_for_good(
+    fake_lab: Lab, machine: list[tuple[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(faults, "apply_network", lambda lab, recorded: machine.append(("network", sorted(recorded))))
+    monkeypatch.setattr(hosts, "remove_cgroups", lambda h: machine.append(("cgroups", h.name)))
+    for name in ("nats-1", "nats-2"):
+        (fake_lab.host_dir(fake_lab.host(name)) / "upper/etc").mkdir(parents=True)
+        (fake_lab.share_dir / name / "jetstream").mkdir(parents=True)
+    faults.save(fake_lab, {"nats-2": {"isolate": {"veth": "vb-nats-2"}}})
+    target = fake_lab.host("nats-2")
+    message = faults.inject(fake_lab, "destroy", target)
+    assert message.startswith("destroyed nats-2:") and "JetStream directory" in message and "removed" in message
+    # Recorded (its other faults ended) before the kill; then its disk and its store are gone.
+    assert machine == [("network", ["nats-2"]), ("kill", 2001), ("cgroups", "nats-2")]
+    assert faults.load(fake_lab) == {"nats-2": {"destroy": {}}}
+    assert not fake_lab.host_dir(target).exists() and not (fake_lab.share_dir / "nats-2").exists()
+    assert (fake_lab.host_dir(fake_lab.host("nats-1")) / "upper/etc").is_dir()
+    assert (fake_lab.share_dir / "nats-1" / "jetstream").is_dir()
+    # Nothing else happens to it, heal does not bring it back, and power-loss passes it by.
+    with pytest.raises(LabError, match="nats-2 is destroyed; run first: nats-lab up"):
+        faults.inject(fake_lab, "stop", target)
+    assert faults.heal(fake_lab, [target], fake_lab.repo) == [
+        "nats-2: destroyed for good, not healed; `nats-lab up` creates it again, new and empty"
+    ]
+    assert faults.load(fake_lab) == {"nats-2": {"destroy": {}}}
+    assert faults.inject(fake_lab, "destroy", target) == "nats-2 is already destroyed"
+    assert "(nats-2 already down)" in faults.power_loss(fake_lab, list(fake_lab.hosts))
+    # `up` forgets the record and creates the host again.
+    assert faults.forget_destroyed(fake_lab) == [target]
+    assert "nats-2" not in faults.load(fake_lab)
 
 
 def test_heal_order_boots_a_host_before_its_storage_or_service() -> None:
