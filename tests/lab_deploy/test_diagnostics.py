@@ -30,15 +30,8 @@ FILES = {
 }
 
 
-def collect(tmp_path: Path, natscli: str) -> tuple[dict[str, str], str]:
-    result = run_playbook(
-        "collect-diagnostics.yml",
-        LAB_INVENTORY,
-        "-e",
-        f"diagnostics_root={tmp_path}",
-        "-e",
-        f"diagnostics_natscli={natscli}",
-    )
+def collect(tmp_path: Path, *extra: str) -> tuple[dict[str, str], str]:
+    result = run_playbook("collect-diagnostics.yml", LAB_INVENTORY, "-e", f"diagnostics_root={tmp_path}", *extra)
     assert result.returncode == 0, result.stdout[-3000:]
     archive = Path(re.findall(r"Diagnostics archive: (\S+\.tar\.gz)", result.stdout)[0])
     assert archive.parent == tmp_path and archive.exists()
@@ -66,7 +59,8 @@ def identities(cluster: Cluster) -> dict[str, str]:
 
 def test_collects_every_node_into_one_archive_and_changes_nothing(deployed_lab: Cluster, tmp_path: Path) -> None:
     before = identities(deployed_lab)
-    files, output = collect(tmp_path, str(natscli_binary()))
+    # natscli found where playbooks/natscli.yml installs it (its natscli_bin_dir), not on PATH.
+    files, output = collect(tmp_path, "-e", f"natscli_bin_dir={natscli_binary().parent}")
     for node in deployed_lab.nodes:
         assert {f"{node.host}/{name}" for name in FILES} <= set(files), sorted(files)
         assert json.loads(files[f"{node.host}/varz.json"])["server_name"] == node.server_name
@@ -90,7 +84,7 @@ def test_collects_every_node_into_one_archive_and_changes_nothing(deployed_lab: 
 def test_a_stopped_node_is_recorded_not_fatal(deployed_lab: Cluster, tmp_path: Path) -> None:
     assert nats_lab("fault", "stop", "nats-3").returncode == 0
     try:
-        files, _ = collect(tmp_path, str(tmp_path / "no-natscli-here"))
+        files, _ = collect(tmp_path, "-e", f"diagnostics_natscli={tmp_path / 'no-natscli-here'}")
     finally:
         nats_lab("heal", "nats-3")
     assert files["nats-3/varz.json"].startswith("no answer"), files["nats-3/varz.json"][:200]
