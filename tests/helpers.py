@@ -18,6 +18,7 @@ import nats
 import pytest
 import yaml
 
+from nats_lab import mirror
 from verify import monitor
 from verify.inventory import Cluster
 from verify.load import BackgroundPublisher, connect
@@ -26,6 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 NATS_SERVER = BIN / "nats-server"
 LAB_INVENTORY = REPO / "inventory" / "lab"
+# The pinned nats-server release, read from its one home (the shared cluster.yml).
+NATS_SERVER_VERSION = mirror.server_version(REPO)
 # Certificates for offline tests (rendering, nats-server -t, preflight), issued by the nats_pki
 # role into build/ (the `offline_pki` fixture); the lab itself uses .lab/pki.
 OFFLINE_PKI = REPO / "build" / "test-pki"

@@ -29,7 +29,15 @@ import nats
 import pytest
 import yaml
 
-from tests.helpers import BIN, NATS_SERVER, REPO, ansible_env, load_filter_plugin, load_plugin_module
+from tests.helpers import (
+    BIN,
+    NATS_SERVER,
+    NATS_SERVER_VERSION,
+    REPO,
+    ansible_env,
+    load_filter_plugin,
+    load_plugin_module,
+)
 from tests.local_nats import free_port, local_jetstream, local_trio
 
 EVENTS, OTHER, EMPTY = "BK_EVENTS", "BK_OTHER", "BK_EMPTY"
@@ -391,15 +399,15 @@ def release_dir(tmp_path: Path) -> Path:
     """The pinned release laid out as nats_server_controller_release_dir wants it (the wheel's
     nats-server in the official archive's layout, and SHA256SUMS)."""
     arch = {"x86_64": "amd64", "aarch64": "arm64"}[os.uname().machine]
-    name = f"nats-server-v2.15.1-linux-{arch}"
+    name = f"nats-server-v{NATS_SERVER_VERSION}-linux-{arch}"
     releases = tmp_path / "releases"
-    (releases / "v2.15.1" / name).mkdir(parents=True)
-    shutil.copy(NATS_SERVER, releases / "v2.15.1" / name / "nats-server")
-    archive = releases / "v2.15.1" / f"{name}.tar.gz"
+    (releases / f"v{NATS_SERVER_VERSION}" / name).mkdir(parents=True)
+    shutil.copy(NATS_SERVER, releases / f"v{NATS_SERVER_VERSION}" / name / "nats-server")
+    archive = releases / f"v{NATS_SERVER_VERSION}" / f"{name}.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
-        tar.add(releases / "v2.15.1" / name, arcname=name)
+        tar.add(releases / f"v{NATS_SERVER_VERSION}" / name, arcname=name)
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    (releases / "v2.15.1" / "SHA256SUMS").write_text(f"{digest}  {archive.name}\n")
+    (releases / f"v{NATS_SERVER_VERSION}" / "SHA256SUMS").write_text(f"{digest}  {archive.name}\n")
     return releases
 
 
@@ -417,7 +425,7 @@ def test_the_drill_restores_into_a_scratch_server_and_leaves_the_live_one_alone(
         f"jetstream_backup_set={backup}",
         "-e",
         "jetstream_restore_drill=true",
-        nats_server_version="2.15.1",
+        nats_server_version=NATS_SERVER_VERSION,
         nats_server_artifact_source="controller",
         nats_server_controller_release_dir=str(releases),
     )
@@ -428,7 +436,7 @@ def test_the_drill_restores_into_a_scratch_server_and_leaves_the_live_one_alone(
     assert "Every stream restored and matches the manifest" in output and "The cluster was not contacted" in output
     assert read(live) == before
     assert not [p for p in (tmp_path / "backups").iterdir() if p.name.startswith(".restore-drill-")]
-    assert (tmp_path / "backups" / ".nats-server" / "v2.15.1" / "nats-server").is_file()
+    assert (tmp_path / "backups" / ".nats-server" / f"v{NATS_SERVER_VERSION}" / "nats-server").is_file()
 
     # A tampered set fails the drill before any server starts.
     snapshot = backup / f"{OTHER}.snapshot"

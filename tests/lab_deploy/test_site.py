@@ -12,6 +12,7 @@ import pytest
 
 from tests.helpers import (
     LAB_INVENTORY,
+    NATS_SERVER_VERSION,
     REPO,
     assert_nothing_lost,
     nats_lab,
@@ -206,7 +207,7 @@ def test_release_from_the_controller_converges_without_restarts(deployed_lab: Cl
     assert {n.host: service_identity(n.host) for n in deployed_lab.nodes} == before
     for node in deployed_lab.nodes:
         sums = on(node.host, "cat /var/cache/nats-server/controller/SHA256SUMS")
-        assert "nats-server-v2.15.1-linux-amd64.tar.gz" in sums
+        assert f"nats-server-v{NATS_SERVER_VERSION}-linux-amd64.tar.gz" in sums
 
 
 def test_server_refuses_to_start_without_its_storage_mount(deployed_lab: Cluster) -> None:

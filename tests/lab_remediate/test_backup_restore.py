@@ -27,6 +27,7 @@ from nats_lab.hosts import upper_dir
 from tests.helpers import (
     CLUSTER_RESET,
     LAB_INVENTORY,
+    NATS_SERVER_VERSION,
     REPO,
     assert_nothing_lost,
     delete_stream,
@@ -244,7 +245,10 @@ def test_the_scheduled_set_restores_in_a_drill_that_changes_nothing_live(healthy
     code, _, output = restore(tmp_path, backup_set, "-e", "jetstream_restore_drill=true")
     elapsed = time.monotonic() - started
     assert code == 0, output[-4000:]
-    assert "Every stream restored and matches the manifest" in output and "saved from nats-server 2.15.1" in output
+    assert (
+        "Every stream restored and matches the manifest" in output
+        and f"saved from nats-server {NATS_SERVER_VERSION}" in output
+    )
     assert asyncio.run(_streams(cluster)) == before
     assert service_identities(cluster) == identities
     assert not list((tmp_path / "backups").glob(".restore-drill-*"))

@@ -10,8 +10,10 @@ import time
 
 import pytest
 
+from nats_lab import mirror
 from tests.helpers import (
     LAB_INVENTORY,
+    NATS_SERVER_VERSION,
     assert_nothing_lost,
     nats_lab,
     run_playbook,
@@ -24,7 +26,7 @@ from verify.load import BackgroundPublisher
 pytestmark = pytest.mark.lab
 
 PLAYBOOK = "rolling-restart.yml"
-CURRENT, OTHER = "2.15.1", "2.14.6"
+CURRENT, OTHER = NATS_SERVER_VERSION, mirror.OTHER_VERSION
 
 
 def versions(cluster: Cluster) -> dict[str, str]:

@@ -163,7 +163,7 @@ os.close(fd); print(\\"size\\", os.stat(\\"{mp}/data/synced\\").st_size)
 
 def test_jetstream_r3_filestore_on_cimnfs(lab: Lab) -> None:
     """A 3-node JetStream cluster (ports apart from the roles') keeps an R3 file stream on cimnfs."""
-    version = mirror.VERSIONS[0]
+    version = mirror.server_version(lab.repo)
     top = mirror.archive_top(version)
     routes = ",".join(f"nats://{h.address}:16222" for h in lab.hosts)
     run_id = uuid.uuid4().hex[:8]
@@ -407,7 +407,7 @@ def test_reboot_inside_a_host_boots_it_again(lab: Lab) -> None:
 
 
 def test_mirror_serves_versions_with_matching_checksums(lab: Lab) -> None:
-    for version in mirror.VERSIONS:
+    for version in mirror.server_versions(lab.repo):
         base = f"{lab.mirror_url}/v{version}"
         archive = _get(f"{base}/{mirror.archive_name(version)}")
         sums = mirror.parse_sums(_get(f"{base}/SHA256SUMS").decode())
@@ -423,7 +423,7 @@ def test_mirror_serves_versions_with_matching_checksums(lab: Lab) -> None:
         assert tampered_sums == sums
         assert hashlib.sha256(tampered).hexdigest() != sums[mirror.archive_name(version)]
     # The hosts reach it too, and it listens on the bridge address only.
-    ok(on("nats-1", f"curl -sSf -o /dev/null {lab.mirror_url}/v{mirror.VERSIONS[0]}/SHA256SUMS"))
+    ok(on("nats-1", f"curl -sSf -o /dev/null {lab.mirror_url}/v{mirror.server_version(lab.repo)}/SHA256SUMS"))
     assert not tcp_open("127.0.0.1", lab.mirror_port)
 
 

@@ -110,9 +110,9 @@ def test_statfs_reports_backing_file_system(tmp_path: Path) -> None:
 
 
 def test_sha256sums_format_round_trips() -> None:
-    line = mirror.sums_line("ab" * 32, "nats-server-v2.15.1-linux-amd64.tar.gz")
-    assert line == f"{'ab' * 32}  nats-server-v2.15.1-linux-amd64.tar.gz\n"
-    assert mirror.parse_sums(line) == {"nats-server-v2.15.1-linux-amd64.tar.gz": "ab" * 32}
+    line = mirror.sums_line("ab" * 32, "nats-server-v2.99.0-linux-amd64.tar.gz")
+    assert line == f"{'ab' * 32}  nats-server-v2.99.0-linux-amd64.tar.gz\n"
+    assert mirror.parse_sums(line) == {"nats-server-v2.99.0-linux-amd64.tar.gz": "ab" * 32}
 
 
 def test_archive_is_reproducible_and_shaped_like_the_release() -> None:
@@ -202,12 +202,24 @@ def test_the_mirror_packs_the_natscli_version_the_role_installs() -> None:
 
 
 def test_a_new_natscli_version_is_a_new_mirror_tree() -> None:
-    assert mirror.recipe_hash("0.12.0", "0.5.0") != mirror.recipe_hash("0.12.0", "0.5.1")
+    versions = ("2.99.0", "2.98.0")
+    assert mirror.recipe_hash(versions, "0.12.0", "0.5.0") != mirror.recipe_hash(versions, "0.12.0", "0.5.1")
+    assert mirror.recipe_hash(versions, "0.12.0", "0.5.0") != mirror.recipe_hash(
+        ("2.99.1", "2.98.0"), "0.12.0", "0.5.0"
+    )
 
 
-def test_two_versions_are_served() -> None:
-    assert len(mirror.VERSIONS) >= 2
-    assert mirror.VERSIONS[0] == "2.15.1"
+def test_the_mirror_serves_the_version_the_shared_cluster_settings_pin(tmp_path: Path) -> None:
+    settings = tmp_path / mirror.SERVER_SETTINGS
+    settings.parent.mkdir(parents=True)
+    settings.write_text('nats_server_version: "9.8.7"\n')
+    assert mirror.server_versions(tmp_path) == ("9.8.7", mirror.OTHER_VERSION)
+    settings.write_text("nats_server_jetstream_domain: x\n")
+    with pytest.raises(LabError, match="no nats_server_version"):
+        mirror.server_version(tmp_path)
+    # The lab reads phx's file (one shared cluster.yml), so both deploy what the mirror serves.
+    repo = find_repo()
+    assert (repo / mirror.SERVER_SETTINGS).resolve() == (repo / "inventory/phx/group_vars/nats_cluster/cluster.yml")
 
 
 def test_nft_ruleset_names_no_reserved_words() -> None:
