@@ -124,7 +124,7 @@ def render_units(tmp_path: Path, *extra: str) -> tuple[Path, Path]:
         "-e",
         "jetstream_backup_schedule_vault_password_file=/root/phx.vault-password",
         "-e",
-        "__jetstream_backup_schedule_dir=/var/backups/nats-jetstream",
+        "jetstream_backup_schedule_dir=/var/backups/nats-jetstream",
     ]
     run = run_offline([str(BIN / "ansible-playbook"), "-i", "localhost,", str(playbook), *settings, *extra], tmp_path)
     assert run.result.returncode == 0, run.output[-3000:]
