@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -112,12 +113,50 @@ def ansible_env(**extra: str) -> dict[str, str]:
 EMPTY_NETWORK = ["unshare", "--net", "sh", "-c", 'ip link set lo up && exec "$@"', "offline"]
 
 
+# Where lab_inventory_copy writes: two levels under the checkout, as the lab inventory is, so its
+# inventory_dir-relative paths (the lab's SSH key and PKI) still lead to the checkout's .lab.
+LAB_COPIES = REPO / "build"
+LAB_COPY_PREFIX = "lab-copy-"
+# All a copy may add to the lab inventory: per-host variables that name no address.
+LAB_COPY_VARIABLES = frozenset({"nats_server_name"})
+
+
+def lab_inventory_copy(name: str, host_vars: dict[str, dict[str, Any]]) -> Path:
+    """The lab inventory with some hosts' variables changed (a replacement's new server name), for
+    a test that must run the playbooks and verify against an inventory the operator has edited.
+    Its hosts.yml is the lab's own, so it reaches the lab's addresses and nothing else."""
+    unknown = {k for values in host_vars.values() for k in values} - LAB_COPY_VARIABLES
+    assert not unknown, f"a lab copy sets only {sorted(LAB_COPY_VARIABLES)}, not {sorted(unknown)}"
+    copy = LAB_COPIES / f"{LAB_COPY_PREFIX}{name}"
+    shutil.rmtree(copy, ignore_errors=True)
+    shutil.copytree(LAB_INVENTORY, copy, symlinks=False)  # the shared cluster.yml's content, not its link
+    (copy / "host_vars").mkdir()
+    for host, values in host_vars.items():
+        (copy / "host_vars" / f"{host}.yml").write_text(yaml.safe_dump(values, explicit_start=True))
+    return copy
+
+
+def _is_lab_copy(path: Path) -> bool:
+    """A directory lab_inventory_copy made: the lab's hosts.yml byte for byte, and host_vars that
+    set nothing but LAB_COPY_VARIABLES."""
+    if path.parent != LAB_COPIES or not path.name.startswith(LAB_COPY_PREFIX) or not path.is_dir():
+        return False
+    if (path / "hosts.yml").read_bytes() != (LAB_INVENTORY / "hosts.yml").read_bytes():
+        return False
+    for host_file in (path / "host_vars").glob("*"):
+        values = yaml.safe_load(host_file.read_text()) or {}
+        if not isinstance(values, dict) or set(values) - LAB_COPY_VARIABLES:
+            return False
+    return True
+
+
 def reaches_hosts(inventory: Path | str) -> bool:
-    """Only the lab inventory may reach hosts. Any other inventory directory (phx, a test's copy)
-    runs in an empty network: no route to 10.0.20.x can exist for it. An inline list like
-    "localhost," stays on this machine's loopback (the local test servers)."""
+    """Only the lab inventory, or a test's copy of it that keeps its hosts (lab_inventory_copy), may
+    reach hosts. Any other inventory directory (phx, a test's own) runs in an empty network: no
+    route to 10.0.20.x can exist for it. An inline list like "localhost," stays on this machine's
+    loopback (the local test servers)."""
     path = Path(inventory)
-    return not path.exists() or path.resolve() == LAB_INVENTORY.resolve()
+    return not path.exists() or path.resolve() == LAB_INVENTORY.resolve() or _is_lab_copy(path.resolve())
 
 
 def run_playbook(
@@ -190,11 +229,11 @@ def wait_healthy(cluster: Cluster, seconds: float = 90, stable_for: float = 3) -
         time.sleep(0.5)
 
 
-def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float, str]:
+def nats_verify(tmp_path: Path, *args: str, inventory: Path = LAB_INVENTORY) -> tuple[int, dict[str, Any], float, str]:
     report = tmp_path / f"verify-{time.monotonic_ns()}.json"
     start = time.monotonic()
     result = subprocess.run(
-        [str(BIN / "nats-verify"), "-i", str(LAB_INVENTORY), "--verify-json", str(report), *args],
+        [str(BIN / "nats-verify"), "-i", str(inventory), "--verify-json", str(report), *args],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -206,13 +245,15 @@ def nats_verify(tmp_path: Path, *args: str) -> tuple[int, dict[str, Any], float,
     return result.returncode, data, elapsed, result.stdout + result.stderr
 
 
-def verify_until_green(tmp_path: Path, within: float) -> tuple[int, dict[str, Any], str, float]:
+def verify_until_green(
+    tmp_path: Path, within: float, inventory: Path = LAB_INVENTORY
+) -> tuple[int, dict[str, Any], str, float]:
     """nats-verify again and again until it passes or `within` seconds have gone (a single run
     when 0): what an operator waits after a heal. Returns the last run's code, report and output,
     and the seconds from the first run's start; each failing run's checks are printed."""
     start = time.monotonic()
     while True:
-        code, report, _, output = nats_verify(tmp_path)
+        code, report, _, output = nats_verify(tmp_path, inventory=inventory)
         waited = time.monotonic() - start
         if code == 0 or waited >= within:
             return code, report, output, waited

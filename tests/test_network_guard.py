@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import re
+import shutil
 import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import EMPTY_NETWORK, PHX_INVENTORY, reaches_hosts
+from tests.helpers import EMPTY_NETWORK, LAB_COPIES, LAB_INVENTORY, PHX_INVENTORY, lab_inventory_copy, reaches_hosts
 from tests.network_guard import OutsideTestNetwork
 
 # Production's first node, a public resolver, the lab's first host and a documentation address.
@@ -61,3 +62,27 @@ def test_only_the_lab_inventory_runs_playbooks_with_a_network(tmp_path: Path) ->
     )
     assert done.returncode != 0
     assert "Network is unreachable" in done.stderr, done.stderr
+
+
+def test_a_lab_copy_reaches_hosts_only_while_it_keeps_the_labs_hosts() -> None:
+    copy = lab_inventory_copy("guard-test", {"nats-3": {"nats_server_name": "nats-3-2"}})
+    try:
+        assert reaches_hosts(copy)
+        # A host variable that could carry an address, or a changed hosts file, loses the network.
+        (copy / "host_vars" / "nats-1.yml").write_text("---\nansible_host: 10.0.20.1\n")
+        assert not reaches_hosts(copy)
+        (copy / "host_vars" / "nats-1.yml").unlink()
+        assert reaches_hosts(copy)
+        hosts = copy / "hosts.yml"
+        hosts.write_text(hosts.read_text().replace("10.231.20.13", "10.0.20.3"))
+        assert not reaches_hosts(copy)
+        # The same files anywhere but the copies' place are any other inventory.
+        elsewhere = LAB_COPIES / "not-a-lab-copy"
+        shutil.rmtree(elsewhere, ignore_errors=True)
+        shutil.copytree(LAB_INVENTORY, elsewhere)
+        assert not reaches_hosts(elsewhere)
+        shutil.rmtree(elsewhere)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+    with pytest.raises(AssertionError, match="ansible_host"):
+        lab_inventory_copy("guard-test", {"nats-1": {"ansible_host": "10.0.20.1"}})

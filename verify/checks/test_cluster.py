@@ -291,6 +291,13 @@ def test_meta_leader_and_every_peer_current(nats_cluster: Cluster, verify_state:
     assert meta.get("cluster_size") == len(nats_cluster.nodes), (
         f"meta group size {meta.get('cluster_size')}, inventory has {len(nats_cluster.nodes)} (stale or missing peers)"
     )
+    # A lost member's name lingers until it is removed (replace-node.yml); a stranger should never be.
+    peers = {leader_name} | {r["name"] for r in meta.get("replicas", [])}
+    members = {n.server_name for n in nats_cluster.nodes}
+    assert peers == members, (
+        f"meta group {', '.join(sorted(peers))}, inventory {', '.join(sorted(members))} (not members: "
+        f"{', '.join(sorted(peers - members)) or 'none'}; missing: {', '.join(sorted(members - peers)) or 'none'})"
+    )
     behind = [r["name"] for r in meta.get("replicas", []) if not r.get("current") or r.get("offline")]
     assert not behind, f"meta peers not current with leader {leader_name}: {', '.join(behind)}"
 

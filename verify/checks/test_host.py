@@ -140,12 +140,11 @@ def test_free_space_and_limits_fit_on_the_share(
 
 
 @pytest.mark.runbook("storage")
-def test_ownership_marker_names_this_host(nats_host: Any, nats_node: Node) -> None:
+def test_ownership_marker_names_this_server(nats_host: Any, nats_node: Node) -> None:
     result = run(nats_host, f"cat {nats_node['nats_server_jetstream_store_marker']}")
     assert result.rc == 0, f"{nats_node.host}: ownership marker unreadable: {result.stderr.strip()}"
-    assert result.stdout.strip() == nats_node.host, (
-        f"{nats_node.host}: the store directory belongs to {result.stdout.strip()!r}"
-    )
+    owner = result.stdout.strip()
+    assert owner == nats_node.server_name, f"{nats_node.host}: store owned by {owner!r}, not {nats_node.server_name}"
 
 
 @pytest.mark.runbook("config")
