@@ -1,7 +1,8 @@
 """playbooks/remediate/replace-node.yml on the lab.
 
 nats-3 is destroyed for good (host, disk and store) while events are published, and `nats-lab up`
-makes a new, empty nats-3. Under its old server name the runbook refuses; under the new name the
+makes a new, empty nats-3 (its old directory is put back on the share, as when only the machine is
+lost: it is kept aside, never used or deleted). Under its old server name the runbook refuses; under the new name the
 inventory gives it, the lost name leaves the meta group, the replacement joins, every R3 stream is
 whole again, no acknowledged event is lost and verify is green. The old identity cannot come back:
 site.yml from the old inventory is refused before anything restarts.
@@ -16,8 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from nats_lab.config import load_lab
 from tests.helpers import (
     LAB_INVENTORY,
+    REPO,
     assert_nothing_lost,
     lab_inventory_copy,
     nats_lab,
@@ -35,6 +38,8 @@ pytestmark = pytest.mark.lab
 PLAYBOOK = "remediate/replace-node.yml"
 TARGET = "nats-3"
 NEW_NAME = "nats-3-2"
+# The export's directory on the controller: each host's store is <share>/<host> there.
+SHARE = load_lab(REPO).share_dir
 CONFIRM = ("-e", f"replace_node={TARGET}", "-e", f"replace_node_confirm={TARGET}")
 
 
@@ -78,6 +83,11 @@ def test_a_destroyed_member_is_replaced_under_a_new_name_with_nothing_lost(
         lost_at = time.monotonic()
         created = nats_lab("up")
         assert created.returncode == 0, created.stdout + created.stderr
+        # As when the machine is lost but the share keeps its directory: the old server's store.
+        old_store = SHARE / TARGET
+        (old_store / "jetstream").mkdir(parents=True)
+        (old_store / "jetstream" / "left-behind").write_text("the lost server's state\n")
+        (old_store / ".jetstream-owner").write_text(f"{TARGET}\n")
 
         # The inventory as it was names the new host like the lost one: refused, nothing removed.
         same_name = run_playbook(PLAYBOOK, LAB_INVENTORY, *CONFIRM)
@@ -93,6 +103,8 @@ def test_a_destroyed_member_is_replaced_under_a_new_name_with_nothing_lost(
         assert f"removed from the cluster for good: {TARGET}." in " ".join(replaced.stdout.split())
         time.sleep(2)
     assert_nothing_lost(publisher)
+    (kept,) = SHARE.glob(f"{TARGET}.replaced-{TARGET}-*")
+    assert (kept / "jetstream" / "left-behind").read_text() == "the lost server's state\n"
 
     cluster = load_cluster(replaced_inventory)
     code, _, output, _ = verify_until_green(tmp_path, within=60, inventory=replaced_inventory)
