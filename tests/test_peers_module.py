@@ -73,3 +73,8 @@ def stream(replicas: int, leader: str | None, peers: dict[str, bool]) -> dict[st
 )
 def test_a_replicated_stream_is_whole_with_all_its_peers_members_and_current(info: dict[str, Any], why: str) -> None:
     assert peers_module.stream_shortfall(info, ["nats-1", "nats-2", "nats-3-2"]) == why
+
+
+def test_a_rescue_sees_the_leaders_the_survivors_still_name() -> None:
+    assert peers_module.seen_leaders([jsz("nats-1", None, {"nats-2": False})]) == []
+    assert peers_module.seen_leaders([jsz("nats-1", "nats-3", {}), jsz("nats-4", "nats-3", {})]) == ["nats-3"]

@@ -16,6 +16,11 @@ description:
   - I(scope=meta) logs in to the system account and sends C($JS.API.SERVER.REMOVE) for each peer to
     remove, then waits until the meta leader lists none of them. A removed server name is refused
     by the cluster from then on, so its replacement needs a new C(server_name).
+  - I(scope=rescue) logs in to the system account of a cluster that has lost its meta majority for
+    good and sends C($JS.API.META.RESCUE) with I(quorum_needed), answered by every server still
+    running (nats-server 2.15): each lowers its meta quorum for 5 minutes, so the survivors elect a
+    leader. It refuses when any server still sees a meta leader, and waits until the survivors
+    have one. Remove the lost peers (I(scope=meta)) within those 5 minutes.
   - I(scope=streams) logs in to an account with JetStream and sends
     C($JS.API.STREAM.PEER.REMOVE.<stream>) for each stream that still lists a removed or unknown
     peer (the server usually does this itself on a meta removal). It then waits until every stream
@@ -36,10 +41,15 @@ options:
     description: The CA that signed the servers' certificates.
     type: path
   scope:
-    description: C(meta), the meta group in the system account; C(streams), the streams of the login's account.
+    description: >-
+      C(meta), the meta group in the system account; C(rescue), its quorum lowered on the survivors;
+      C(streams), the streams of the login's account.
     type: str
-    choices: [meta, streams]
+    choices: [meta, rescue, streams]
     required: true
+  quorum_needed:
+    description: rescue, the meta quorum the survivors lower theirs to (how many of them there are).
+    type: int
   members:
     description: The server names the cluster should have (the inventory's nats_server_name of each member).
     type: list
@@ -90,6 +100,10 @@ running:
   type: list
 missing:
   description: meta, members the meta group does not list yet (a replacement not started).
+  returned: success
+  type: list
+rescued:
+  description: rescue, each answering server with its previous and new quorum.
   returned: success
   type: list
 streams:
@@ -163,12 +177,13 @@ def running(peers: dict[str, dict[str, Any]], names: list[str]) -> list[str]:
     return [p for p in names if p in peers and peers[p]["current"]]
 
 
-async def jsz_answers(nc: Any) -> list[dict[str, Any]]:
+async def gather_answers(nc: Any, subject: str, payload: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every server's answer to a request all of them answer, collected for PING_WINDOW."""
     inbox = nc.new_inbox()
     answers: list[dict[str, Any]] = []
     sub = await nc.subscribe(inbox)
     try:
-        await nc.publish("$SYS.REQ.SERVER.PING.JSZ", b"{}", reply=inbox)
+        await nc.publish(subject, json.dumps(payload).encode(), reply=inbox)
         deadline = time.monotonic() + PING_WINDOW
         while (left := deadline - time.monotonic()) > 0:
             try:
@@ -179,6 +194,10 @@ async def jsz_answers(nc: Any) -> list[dict[str, Any]]:
     finally:
         await sub.unsubscribe()
     return answers
+
+
+async def jsz_answers(nc: Any) -> list[dict[str, Any]]:
+    return await gather_answers(nc, "$SYS.REQ.SERVER.PING.JSZ", {})
 
 
 async def run_meta(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
@@ -288,11 +307,57 @@ async def run_streams(nc: Any, params: dict[str, Any], check_mode: bool) -> dict
     }
 
 
+def seen_leaders(answers: list[dict[str, Any]]) -> list[str]:
+    """The meta leaders the answering servers name (none once the majority is lost)."""
+    metas = [(a.get("data") or {}).get("meta_cluster") or {} for a in answers]
+    return sorted({str(m["leader"]) for m in metas if m.get("leader")})
+
+
+async def run_rescue(nc: Any, params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
+    # A survivor names the last leader it knew until its election timeout (seconds): wait it out.
+    deadline = time.monotonic() + params["wait"]
+    while leaders := seen_leaders(answers := await jsz_answers(nc)):
+        if time.monotonic() > deadline:
+            raise Refused(
+                f"the cluster has a meta leader ({', '.join(leaders)}): no majority is lost; "
+                "replace the lost members with replace-node.yml"
+            )
+        await asyncio.sleep(POLL_INTERVAL)
+    if not answers:
+        raise Refused("no server answered in the system account: nothing to rescue from")
+    if check_mode:
+        return {"changed": True, "rescued": [], "leader": None}
+    rescued = await gather_answers(nc, "$JS.API.META.RESCUE", {"quorum_needed": params["quorum_needed"]})
+    refused = [a for a in rescued if a.get("error")]
+    if refused or not rescued:
+        why = "; ".join(f"{a.get('server', '?')}: {a['error'].get('description')}" for a in refused)
+        raise Refused(f"meta rescue refused ({why or 'no server answered'})")
+    deadline = time.monotonic() + params["wait"]
+    while True:
+        try:
+            view = meta_view(await jsz_answers(nc))
+            break
+        except Refused:
+            if time.monotonic() > deadline:
+                raise Refused(f"meta rescue applied, but no meta leader within {params['wait']:g} s") from None
+            await asyncio.sleep(POLL_INTERVAL)
+    return {
+        "changed": True,
+        "rescued": [
+            {"server": a.get("server"), "prev_quorum": a.get("prev_quorum"), "new_quorum": a.get("new_quorum")}
+            for a in rescued
+        ],
+        "leader": view["leader"],
+    }
+
+
 async def run(params: dict[str, Any], check_mode: bool) -> dict[str, Any]:
     nc = await connect(params, REQUEST_TIMEOUT)
     try:
         if params["scope"] == "meta":
             return await run_meta(nc, params, check_mode)
+        if params["scope"] == "rescue":
+            return await run_rescue(nc, params, check_mode)
         return await run_streams(nc, params, check_mode)
     finally:
         await nc.close()
@@ -302,11 +367,13 @@ def main() -> None:
     module = AnsibleModule(
         argument_spec={
             **CONNECTION_ARGUMENT_SPEC,
-            "scope": {"type": "str", "choices": ["meta", "streams"], "required": True},
+            "scope": {"type": "str", "choices": ["meta", "rescue", "streams"], "required": True},
+            "quorum_needed": {"type": "int"},
             "members": {"type": "list", "elements": "str", "required": True},
             "remove": {"type": "list", "elements": "str", "default": []},
             "wait": {"type": "float", "default": 120.0},
         },
+        required_if=[("scope", "rescue", ["quorum_needed"])],
         supports_check_mode=True,
     )
     if not HAS_NATS:
